@@ -1,0 +1,1 @@
+"""The deploy pipeline and CLI: export, predict, validate, bench."""

@@ -1,0 +1,189 @@
+"""The `deploy` command: a thin argparse layer over plain functions in deploy/.
+
+Results go to stdout, notes and progress to stderr. Every error is one line on stderr and an exit code:
+0 success, 1 failure, 2 usage error, 3 a validation gate failed. `--traceback` shows the stack.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from partialnet.errors import DeployError, UsageError
+
+PROG = "deploy"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit 2) instead of usage + message."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _input_size(text: str) -> int:
+    value = _positive_int(text)
+    if value % 32:
+        raise argparse.ArgumentTypeError(
+            f"input size {value} is not a multiple of 32 (the last stage works on N/32 maps); try {max(32, round(value / 32) * 32)}"
+        )
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, checkpoint_required: bool = False) -> None:
+    p.add_argument("variant", help="variant name, e.g. partialnet_t0 (see 'deploy list')")
+    p.add_argument("--checkpoint", "-c", required=checkpoint_required,
+                   help="official checkpoint: Lightning .ckpt, .pth state dict, or .safetensors")
+    sp = p.add_mutually_exclusive_group()
+    sp.add_argument("--spatial-attn", dest="spatial_attn", action="store_const", const=True, default=None,
+                    help="force PAT_sp on (default: read from the checkpoint; on for a fresh model)")
+    sp.add_argument("--no-spatial-attn", dest="spatial_attn", action="store_const", const=False,
+                    help="force PAT_sp off (the published cfgs of T0, T2, S, M, L)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow checkpoints that need arbitrary pickled code (only for files you trust)")
+    p.add_argument("--input-size", type=_input_size, default=None, help="input resolution N (multiple of 32)")
+
+
+def _load(args) -> "object":
+    from partialnet import build_model
+
+    return build_model(args.variant, args.checkpoint, spatial_attn=args.spatial_attn, allow_pickle=args.allow_pickle,
+                       log=_stderr(args))
+
+
+def _stderr(args) -> Callable[[str], None]:
+    """Where notes go: stderr, or nowhere with --quiet."""
+    if getattr(args, "quiet", False):
+        return lambda msg: None
+    return lambda msg: print(msg, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def cmd_list(args) -> int:
+    from deploy.catalog import format_table, variant_rows
+
+    rows = variant_rows()
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from deploy.catalog import format_info, model_info
+
+    lm = _load(args)
+    info = model_info(lm, args.input_size or lm.variant.preprocess.input_size)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+
+    from deploy.inputs import gather_inputs, read_labels
+    from deploy.predict import format_topk, run_batched, topk
+    from runtimes.eager import EagerRunner
+
+    if args.backend != "eager":
+        raise UsageError(
+            f"--backend {args.backend} needs an export folder; with a variant name only --backend eager runs."
+        )
+    lm = _load(args)
+    size = args.input_size or lm.variant.preprocess.input_size
+    x, names = gather_inputs(args.images, args.inputs, lm.variant.preprocess.at(size))
+    runner = EagerRunner(lm.model, None if args.inputs else size, threads=args.threads)
+    logits = run_batched(runner, x, args.batch_size)
+    if args.save_logits:
+        from export.files import atomic_save_npy
+
+        atomic_save_npy(args.save_logits, logits.astype(np.float32), force=args.force)
+    labels = read_labels(args.labels, logits.shape[1]) if args.labels else None
+    idx, probs = topk(logits, args.topk)
+    print(format_topk(names, idx, probs, labels))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--traceback", action="store_true", help="show the Python stack on errors")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress or notes on stderr")
+
+    parser = _Parser(prog=PROG, description="Export, run and validate PartialNet models.", parents=[common])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("list", parents=[common], help="the variants with params, MACs at 224 px and defaults")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_list)
+
+    p = sub.add_parser("info", parents=[common], help="the resolved architecture, params, MACs, checkpoint facts")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_info)
+
+    p = sub.add_parser("predict", parents=[common], help="top-k classes for images or a preprocessed array")
+    _add_model_args(p)
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--backend", default="eager", help="eager (for a variant name)")
+    p.add_argument("--inputs", help="preprocessed float32 NCHW array (.npy) instead of images")
+    p.add_argument("--save-logits", help="write raw float32 logits [batch, classes] to this .npy")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --save-logits file")
+    p.add_argument("--topk", type=_positive_int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--labels", help="text file with one class name per line")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads")
+    p.set_defaults(handler=cmd_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show_tb = "--traceback" in argv
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # Image paths may follow options (`predict VARIANT --checkpoint C a.jpg b.jpg`); argparse stops filling a
+        # nargs='*' positional at the first option, so leftover non-option words are the rest of the images.
+        if extra and hasattr(args, "images") and not any(e.startswith("-") for e in extra):
+            args.images = list(args.images) + extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except DeployError as e:
+        if show_tb:
+            raise
+        print(f"{PROG}: error: {_one_line(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything unforeseen still ends as one line, not a traceback
+        if show_tb:
+            raise
+        print(f"{PROG}: error: internal error: {type(e).__name__}: {_one_line(str(e))} (rerun with --traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Top-k prediction with any runner."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from runtimes.base import INPUT_NAME, OUTPUT_NAME, Runner
+
+
+def run_batched(runner: Runner, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Logits for every row of x, in chunks of batch_size."""
+    outs = [runner.run({INPUT_NAME: x[i : i + batch_size]})[OUTPUT_NAME] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs, axis=0)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and softmax probabilities of the k largest logits per row, best first (ties by lower index)."""
+    k = min(k, logits.shape[1])
+    idx = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    probs = np.take_along_axis(softmax(logits), idx, axis=1)
+    return idx, probs
+
+
+def format_topk(names: Sequence[str], idx: np.ndarray, probs: np.ndarray, labels: Sequence[str] | None) -> str:
+    lines = []
+    for name, row_i, row_p in zip(names, idx, probs):
+        picks = ", ".join(
+            f"{i}" + (f" {labels[i]}" if labels else "") + f" ({p:.4f})" for i, p in zip(row_i.tolist(), row_p.tolist())
+        )
+        lines.append(f"{name}: {picks}")
+    return "\n".join(lines)

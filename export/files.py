@@ -1,0 +1,46 @@
+"""Atomic writes: a temporary file in the same folder, then a rename, so nothing half-written looks complete."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from partialnet.errors import UsageError
+
+
+@contextmanager
+def atomic_path(dest: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; on success rename it onto `dest`, on failure delete it."""
+    dest = Path(dest)
+    if dest.exists() and not force:
+        raise UsageError(f"{dest} exists; pass --force to overwrite it.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_save_npy(dest: str | Path, arr: np.ndarray, *, force: bool = False) -> None:
+    with atomic_path(dest, force=force) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+
+
+def atomic_write_text(dest: str | Path, text: str, *, force: bool = False) -> None:
+    with atomic_path(dest, force=force) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(dest: str | Path, obj: Any, *, force: bool = False) -> None:
+    atomic_write_text(dest, json.dumps(obj, indent=2, sort_keys=False) + "\n", force=force)

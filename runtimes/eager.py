@@ -1,0 +1,34 @@
+"""The PyTorch model itself: the reference every other backend is compared against."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from .base import INPUT_NAME, OUTPUT_NAME, TensorSpec, check_feeds
+
+
+class EagerRunner:
+    """Runs a PartialNet in eval mode, fp32, on the CPU (or a given torch device)."""
+
+    def __init__(self, model: torch.nn.Module, input_size: int | None = None, *, num_classes: int | None = None,
+                 threads: int | None = None, device: str = "cpu"):
+        self.model = model.eval().to(device)
+        self.device = device
+        if threads:
+            torch.set_num_threads(threads)
+        self.input_size = input_size
+        n_cls = num_classes if num_classes is not None else getattr(getattr(model, "cfg", None), "num_classes", None)
+        self.name = f"eager:{device}:fp32"
+        self.inputs = [TensorSpec(INPUT_NAME, "float32", (None, 3, input_size, input_size))]
+        self.outputs = [TensorSpec(OUTPUT_NAME, "float32", (None, n_cls))]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.inputs, feeds, multiple_of=32)
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(feeds[INPUT_NAME]).to(self.device))
+        return {OUTPUT_NAME: out.float().cpu().numpy()}
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
