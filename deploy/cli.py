@@ -115,6 +115,30 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from deploy.pipeline import ExportRequest, run_export
+
+    req = ExportRequest(
+        variant=args.variant,
+        checkpoint=args.checkpoint,
+        input_size=args.input_size,
+        opset=args.opset,
+        output=args.output,
+        force=args.force,
+        reparam=not args.no_reparam,
+        simplify=not args.no_simplify,
+        exporter=args.exporter,
+        spatial_attn=args.spatial_attn,
+        allow_pickle=args.allow_pickle,
+        val_data=args.val_data,
+        check=not args.no_check,
+        threads=args.threads,
+    )
+    result = run_export(req, log=_stderr(args))
+    print(result.folder)
+    return result.exit_code
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -148,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads")
     p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("export", parents=[common], help="reparameterize, export ONNX, check against eager")
+    _add_model_args(p)
+    p.add_argument("--output", "-o", help="export folder (default: exports/VARIANT[_SIZE])")
+    p.add_argument("--force", action="store_true", help="replace an existing export folder")
+    p.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                   help="torch.onnx exporter (default torchscript: fast, and the graph is simplified anyway)")
+    p.add_argument("--no-reparam", action="store_true", help="export the training-form graph (BNs, PAT_sp unmerged)")
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    p.add_argument("--no-check", action="store_true", help="skip the post-export check against eager")
+    p.add_argument("--val-data", help="images for the checks: folder (class subfolders = labels), .txt list, or .npy")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for runtimes")
+    p.set_defaults(handler=cmd_export)
     return parser
 
 

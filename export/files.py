@@ -13,6 +13,16 @@ import numpy as np
 from partialnet.errors import UsageError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()
+
+
 @contextmanager
 def atomic_path(dest: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success rename it onto `dest`, on failure delete it."""
@@ -25,6 +35,7 @@ def atomic_path(dest: str | Path, *, force: bool = False) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)  # mkstemp creates 0600; the result should look like any other file
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():

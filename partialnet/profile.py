@@ -27,10 +27,10 @@ def _macs_of(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
         return inp.numel() * (5 if module.elementwise_affine else 4)
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return inp.numel()
-    if isinstance(module, RPEAttention):
+    if isinstance(module, RPEAttention) or (hasattr(module, "qkv") and hasattr(module, "num_heads") and inp.ndim == 4):
         b, c, h, w = inp.shape
         n = h * w
-        return 2 * b * n * n * c  # q @ k^T and attn @ v, summed over heads
+        return 2 * b * n * n * c  # q @ k^T and attn @ v, summed over heads (training or deploy form)
     return 0
 
 

@@ -70,7 +70,8 @@ def check_feeds(specs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray], *,
         if ok and arr.ndim and arr.shape[0] == 0:
             ok = False
         if not ok:
-            extra_rule = f" with spatial sizes a multiple of {multiple_of}" if multiple_of > 1 else ""
+            dynamic_spatial = any(d is None for d in spec.shape[2:])
+            extra_rule = f" with spatial sizes a multiple of {multiple_of}" if multiple_of > 1 and dynamic_spatial else ""
             raise InputError(
                 f"input {spec.name!r} has shape {list(arr.shape)}; expected {spec.describe()}{extra_rule} "
                 f"and at least one image."

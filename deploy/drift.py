@@ -1,0 +1,102 @@
+"""Measuring how far a candidate's logits are from a reference's, and judging it against a tolerance.
+
+Measurement and judgement are separate: `Drift.between` produces plain numbers, a `Tolerance` decides.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class Drift:
+    samples: int
+    max_abs_logit_error: float
+    mean_abs_logit_error: float
+    max_ref_logit: float
+    cosine_similarity: float  # mean over samples
+    top1_agreement: float
+    top5_overlap: float  # mean |top5(ref) & top5(cand)| / 5
+    mean_kl: float  # KL(softmax(ref) || softmax(cand)), mean over samples
+
+    @classmethod
+    def between(cls, reference: np.ndarray, candidate: np.ndarray) -> "Drift":
+        if reference.shape != candidate.shape:
+            raise ValueError(f"logit shapes differ: reference {reference.shape}, candidate {candidate.shape}")
+        ref = reference.astype(np.float64)
+        cand = candidate.astype(np.float64)
+        diff = np.abs(ref - cand)
+        num = (ref * cand).sum(axis=1)
+        den = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+        cos = np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
+        k = min(5, ref.shape[1])
+        top_r = np.argsort(-ref, axis=1, kind="stable")[:, :k]
+        top_c = np.argsort(-cand, axis=1, kind="stable")[:, :k]
+        overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top_r.tolist(), top_c.tolist())])
+        lp_r, lp_c = _log_softmax(ref), _log_softmax(cand)
+        kl = (np.exp(lp_r) * (lp_r - lp_c)).sum(axis=1)
+        return cls(
+            samples=int(ref.shape[0]),
+            max_abs_logit_error=float(diff.max()),
+            mean_abs_logit_error=float(diff.mean()),
+            max_ref_logit=float(np.abs(ref).max()),
+            cosine_similarity=float(cos.mean()),
+            top1_agreement=float((top_r[:, 0] == top_c[:, 0]).mean()),
+            top5_overlap=float(overlap),
+            mean_kl=float(max(kl.mean(), 0.0)),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Gates on drift.
+
+    `max_abs_rel` scales with the logit magnitude: error <= max_abs_rel * max(1, max|ref|). Some networks are
+    ill-conditioned in fp32 (a LayerNorm over nearly constant tokens amplifies rounding), so the eager model's own
+    fp32 error against float64 on the same inputs (`noise_floor`) also counts: any reordering of the arithmetic,
+    exact in real numbers, moves the logits by about that much. The limit is the larger of the two.
+    """
+
+    max_abs_rel: float | None = None
+    min_top1_agreement: float | None = None
+    min_cosine: float | None = None
+    noise_multiple: float = 4.0
+
+    def abs_limit(self, d: Drift, noise_floor: float = 0.0) -> float | None:
+        if self.max_abs_rel is None:
+            return None
+        return max(self.max_abs_rel * max(1.0, d.max_ref_logit), self.noise_multiple * noise_floor)
+
+    def failures(self, d: Drift, noise_floor: float = 0.0) -> list[str]:
+        out = []
+        limit = self.abs_limit(d, noise_floor)
+        if limit is not None:
+            if d.max_abs_logit_error > limit:
+                out.append(f"max |logit error| {d.max_abs_logit_error:.3g} exceeds {limit:.3g}")
+        if self.min_top1_agreement is not None and d.top1_agreement < self.min_top1_agreement:
+            out.append(f"top-1 agreement {d.top1_agreement:.4f} is below {self.min_top1_agreement:.4f}")
+        if self.min_cosine is not None and d.cosine_similarity < self.min_cosine:
+            out.append(f"cosine similarity {d.cosine_similarity:.6f} is below {self.min_cosine:.6f}")
+        return out
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# Per precision: an FP32 artifact must agree with eager to fp32 rounding; lower precisions are judged on ranking.
+TOLERANCES = {
+    "fp32": Tolerance(max_abs_rel=1e-4),
+    "fp16": Tolerance(max_abs_rel=5e-2, min_top1_agreement=0.97),
+    "bf16": Tolerance(max_abs_rel=2e-1, min_top1_agreement=0.95),
+    "int8": Tolerance(min_top1_agreement=0.90, min_cosine=0.97),
+}

@@ -1,0 +1,281 @@
+"""`deploy export`: checkpoint -> reparameterized model -> ONNX (+ onnxsim) -> checked artifacts in one folder.
+
+Everything is written into a staging folder beside the destination and renamed into place at the end, so an
+interrupted export never leaves a folder that looks complete. An existing destination is kept unless `force`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import torch
+
+from calibration.sources import ImageSet, default_images, load_images
+from export.files import DIR_MODE, atomic_write_json, atomic_write_text
+from export.manifest import Artifact, Manifest, metadata_props
+from export.reparam import reparameterize_model_with_summary
+from export.to_onnx import DEFAULT_OPSET, ExportError, GraphStats, export_onnx, save_onnx, set_metadata
+from partialnet import build_model
+from partialnet.errors import UsageError
+from partialnet.profile import count_macs, count_params
+from runtimes.base import INPUT_NAME, OUTPUT_NAME
+
+from .drift import TOLERANCES, Drift
+from .report import Report
+
+ONNX_FP32 = "model.onnx"
+CHECK_SAMPLES = 8
+SIMPLIFY_RTOL = 1e-5
+
+
+@dataclass
+class ExportRequest:
+    variant: str
+    checkpoint: str | None = None
+    input_size: int | None = None
+    opset: int = DEFAULT_OPSET
+    output: str | None = None
+    force: bool = False
+    reparam: bool = True
+    simplify: bool = True
+    exporter: str = "torchscript"
+    spatial_attn: bool | None = None
+    allow_pickle: bool = False
+    val_data: str | None = None
+    check: bool = True
+    check_samples: int = CHECK_SAMPLES
+    threads: int | None = None
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    report: Report
+    exit_code: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def default_output(variant: str, input_size: int, default_size: int) -> Path:
+    return Path("exports") / (variant if input_size == default_size else f"{variant}_{input_size}")
+
+
+class _Staging:
+    """A hidden folder beside `dest` that becomes `dest` on commit and disappears on failure."""
+
+    def __init__(self, dest: Path, force: bool):
+        if dest.exists() and not force:
+            raise UsageError(f"{dest} exists; pass --force to overwrite it, or choose another --output.")
+        if dest.exists() and not dest.is_dir():
+            raise UsageError(f"{dest} exists and is not a folder; choose another --output.")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.dest = dest
+        self.path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        os.chmod(self.path, DIR_MODE)
+
+    def commit(self) -> None:
+        old = None
+        if self.dest.exists():
+            old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
+            os.replace(self.dest, old)
+        os.replace(self.path, self.dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def ort_logits(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """Logits from ONNX Runtime on CPU, all graph optimizations on (what a user's session does)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+
+def eager_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.from_numpy(x)).float().numpy()
+
+
+def fp32_noise_floor(model: torch.nn.Module, x: np.ndarray, fp32_logits: np.ndarray) -> float:
+    """Max |logit| difference between the eager model in fp32 and in float64 on x: its own rounding error."""
+    import copy
+
+    m64 = copy.deepcopy(model).double()
+    with torch.inference_mode():
+        ref64 = m64(torch.from_numpy(x).double()).numpy()
+    return float(np.abs(fp32_logits.astype(np.float64) - ref64).max())
+
+
+def check_images(req: ExportRequest, pp, log) -> ImageSet:
+    """The fixed batch the post-export check runs: the user's images, or the embedded deterministic set."""
+    if req.val_data:
+        return load_images(req.val_data, pp, limit=req.check_samples, seed=0)
+    return default_images(req.check_samples, pp, seed=0)
+
+
+def _simplify(proto: onnx.ModelProto, raw_path: Path, dest: Path, x: np.ndarray, log) -> tuple[onnx.ModelProto, dict]:
+    """onnxsim, then re-validate on real inputs; on any failure keep the unsimplified graph and say why."""
+    import onnxsim
+
+    info: dict[str, Any] = {"applied": False}
+    try:
+        simplified, ok = onnxsim.simplify(proto, initializers_as_constants=False)
+    except Exception as e:  # onnxsim raises many types; the unsimplified graph is still valid
+        info["reason"] = f"onnxsim failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log(f"note: {info['reason']}; keeping the unsimplified graph")
+        return proto, info
+    if not ok:
+        info["reason"] = "onnxsim's own check failed"
+        log("note: onnxsim's check failed; keeping the unsimplified graph")
+        return proto, info
+    save_onnx(simplified, dest, force=True)
+    before = ort_logits(raw_path, x)
+    after = ort_logits(dest, x)
+    err = float(np.abs(before - after).max())
+    limit = SIMPLIFY_RTOL * max(1.0, float(np.abs(before).max()))
+    info["max_abs_change"] = err
+    if err > limit:
+        info["reason"] = f"simplified graph changed the logits by {err:.3g} (> {limit:.3g})"
+        log(f"note: {info['reason']}; keeping the unsimplified graph")
+        return proto, info
+    info["applied"] = True
+    return simplified, info
+
+
+def _simplified_or_same(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxsim's result for statistics only (node counts of the training-form graph)."""
+    import onnxsim
+
+    try:
+        simplified, ok = onnxsim.simplify(proto, initializers_as_constants=False)
+    except Exception:  # statistics of the unsimplified graph are still meaningful
+        return proto
+    return simplified if ok else proto
+
+
+def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> ExportResult:
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    lm = build_model(req.variant, req.checkpoint, spatial_attn=req.spatial_attn, allow_pickle=req.allow_pickle, log=log)
+    size = req.input_size or lm.variant.preprocess.input_size
+    pp = lm.variant.preprocess.at(size)
+    dest = Path(req.output) if req.output else default_output(lm.variant.name, size, lm.variant.preprocess.input_size)
+    staging = _Staging(dest, req.force)
+    try:
+        result = _export_into(req, lm, size, pp, staging.path, log, timings)
+        staging.commit()
+    except BaseException:
+        staging.discard()
+        raise
+    timings["total_s"] = time.perf_counter() - t0
+    result.folder = dest
+    return result
+
+
+def _export_into(req, lm, size, pp, folder: Path, log, timings) -> ExportResult:
+    report = Report(title=f"{lm.variant.name} export")
+    manifest = Manifest(
+        variant=lm.variant.name,
+        input_size=size,
+        num_classes=lm.config.num_classes,
+        preprocess=pp.to_dict(),
+        checkpoint_sha256=lm.checkpoint_sha256,
+        source={
+            "checkpoint": str(Path(req.checkpoint).resolve()) if req.checkpoint else None,
+            "format": lm.checkpoint.format if lm.checkpoint else None,
+            "seed": None if lm.checkpoint else 0,
+            "spatial_attn": lm.config.spatial_attn,
+            "act": lm.config.act,
+            "sources": lm.sources,
+            "notes": lm.notes,
+        },
+        architecture=lm.config.to_dict(),
+    )
+    images = check_images(req, pp, log)
+    report.section("inputs", {"check_set": images.source, "samples": len(images), "skipped_images": len(images.skipped)})
+    if not images.user_data:
+        log(f"note: checking on the {images.source}; pass --val-data DIR to check on your own images")
+
+    t = time.perf_counter()
+    original = lm.model
+    if req.reparam:
+        deploy_model, summary = reparameterize_model_with_summary(original, size)
+        reparam_info = summary.to_dict()
+    else:
+        deploy_model, reparam_info = original, {"applied": False}
+    reparam_info["params_before"] = count_params(original)
+    reparam_info["params_after"] = count_params(deploy_model)
+    reparam_info["macs_before"] = count_macs(original, size)
+    reparam_info["macs_after"] = count_macs(deploy_model, size)
+    timings["reparam_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    raw_path = folder / ".raw.onnx"
+    proto = export_onnx(deploy_model, raw_path, size, opset=req.opset, exporter=req.exporter, force=True)
+    timings["onnx_export_s"] = time.perf_counter() - t
+    graph = {"exporter": req.exporter, "opset": req.opset, "exported": GraphStats.of(proto).__dict__}
+    if req.reparam:
+        with tempfile.TemporaryDirectory() as tmp:
+            plain = export_onnx(original, Path(tmp) / "plain.onnx", size, opset=req.opset, exporter=req.exporter)
+        graph["without_reparam"] = GraphStats.of(_simplified_or_same(plain)).__dict__
+
+    t = time.perf_counter()
+    final_path = folder / ONNX_FP32
+    if req.simplify:
+        proto, simp = _simplify(proto, raw_path, final_path, images.images, log)
+    else:
+        simp = {"applied": False, "reason": "--no-simplify"}
+    graph["simplify"] = simp
+    graph["final"] = GraphStats.of(proto).__dict__
+    set_metadata(proto, metadata_props(manifest, "fp32"))
+    onnx.checker.check_model(proto, full_check=True)
+    save_onnx(proto, final_path, force=True)
+    raw_path.unlink()
+    timings["simplify_s"] = time.perf_counter() - t
+    manifest.artifacts.append(Artifact.of(folder, ONNX_FP32, "onnxruntime", "fp32", role="reference ONNX"))
+    reparam_info["onnx"] = graph
+    report.section("reparameterization", reparam_info)
+
+    exit_code = 0
+    if req.check:
+        t = time.perf_counter()
+        x = images.images
+        checks = {}
+        ref_all = eager_logits(original, x)
+        floor = fp32_noise_floor(original, x, ref_all)
+        checks["eager_fp32_vs_fp64"] = floor
+        for label, batch in (("batch_1", x[:1]), (f"batch_{len(x)}", x)):
+            got = ort_logits(final_path, batch, req.threads)
+            drift = Drift.between(ref_all[: len(batch)], got)
+            fails = TOLERANCES["fp32"].failures(drift, floor)
+            checks[label] = {"drift": drift.to_dict(), "limit": TOLERANCES["fp32"].abs_limit(drift, floor),
+                             "passed": not fails, "failures": fails}
+            report.gate(f"onnxruntime fp32 vs eager ({label.replace('_', ' ')})", fails)
+        if req.reparam:
+            checks["reparam_only"] = Drift.between(ref_all, eager_logits(deploy_model, x)).to_dict()
+        checks["tolerance"] = TOLERANCES["fp32"].to_dict()
+        report.section("post_export_check", checks)
+        timings["check_s"] = time.perf_counter() - t
+        if report.failed:
+            exit_code = 3
+            log(f"error: the exported model drifts from eager beyond tolerance: {'; '.join(report.failures)}")
+
+    report.section("timings", {k: round(v, 3) for k, v in timings.items()})
+    manifest.save(folder)
+    report.environment = manifest.tool_versions
+    report.manifest = manifest.to_dict()
+    atomic_write_json(folder / "report.json", report.to_dict(), force=True)
+    atomic_write_text(folder / "report.md", report.to_markdown(), force=True)
+    return ExportResult(folder, report, exit_code, timings)

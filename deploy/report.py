@@ -1,0 +1,90 @@
+"""A report: named sections of plain data, gates with every failure listed, JSON and Markdown renderings."""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass
+class Report:
+    title: str
+    sections: dict[str, Any] = field(default_factory=dict)
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def section(self, name: str, data: Any) -> None:
+        self.sections[name] = data
+
+    def gate(self, name: str, failures: list[str]) -> None:
+        self.gates.append({"name": name, "passed": not failures, "failures": list(failures)})
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{g['name']}: {f}" for g in self.gates for f in g["failures"]]
+
+    @property
+    def failed(self) -> bool:
+        return any(not g["passed"] for g in self.gates)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "created": self.created,
+            "passed": not self.failed,
+            "gates": self.gates,
+            "sections": self.sections,
+            "environment": {"cpu": cpu_model(), "platform": platform.platform(), **self.environment},
+            "manifest": self.manifest,
+        }
+
+    def to_markdown(self) -> str:
+        lines = [f"# {self.title}", "", f"Created {self.created}. Result: **{'PASSED' if not self.failed else 'FAILED'}**.", ""]
+        if self.gates:
+            lines += ["## Gates", "", "| check | result | detail |", "|---|---|---|"]
+            for g in self.gates:
+                lines.append(f"| {g['name']} | {'pass' if g['passed'] else 'FAIL'} | {'; '.join(g['failures']) or '-'} |")
+            lines.append("")
+        for name, data in self.sections.items():
+            lines += [f"## {name.replace('_', ' ').capitalize()}", "", _md(data), ""]
+        lines += ["## Environment", "", _md({"cpu": cpu_model(), **self.environment}), ""]
+        return "\n".join(lines)
+
+
+def _md(data: Any, depth: int = 0) -> str:
+    pad = "  " * depth
+    if isinstance(data, dict) and data and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data.values()) and len(data) > 6:
+        return pad + ", ".join(f"{k} {_scalar(v)}" for k, v in data.items())  # e.g. op counts on one line
+    if isinstance(data, dict):
+        out = []
+        for k, v in data.items():
+            if isinstance(v, (dict, list)) and v:
+                out.append(f"{pad}- **{k}**:")
+                out.append(_md(v, depth + 1))
+            else:
+                out.append(f"{pad}- **{k}**: {_scalar(v)}")
+        return "\n".join(out)
+    if isinstance(data, list):
+        return "\n".join(f"{pad}- {_scalar(v) if not isinstance(v, (dict, list)) else json.dumps(v)}" for v in data)
+    return f"{pad}{_scalar(data)}"
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)

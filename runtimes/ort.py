@@ -1,0 +1,115 @@
+"""ONNX Runtime runner: one InferenceSession on exactly the provider asked for."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import numpy as np
+
+from partialnet.errors import UsageError
+
+from .artifacts import load_failure, require_file
+from .base import BackendUnavailable, TensorSpec, check_feeds
+
+GraphOptimization = Literal["all", "extended", "basic", "disabled"]
+Device = Literal["cpu", "cuda"]
+
+PRECISIONS = ("fp32", "fp16", "int8")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
+
+
+class OrtRunner:
+    """Runs an .onnx file with ONNX Runtime; `precision` names what the file holds (an int8 file is Q/DQ)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        precision: str = "fp32",
+        threads: int | None = None,
+        graph_optimization: GraphOptimization = "all",
+        device: Device = "cpu",
+    ):
+        import onnxruntime as ort
+
+        if precision not in PRECISIONS:
+            raise UsageError(f"onnxruntime precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+        if device not in PROVIDERS:
+            raise UsageError(f"onnxruntime device {device!r} is not one of {', '.join(PROVIDERS)}.")
+        levels = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }
+        if graph_optimization not in levels:
+            raise UsageError(
+                f"onnxruntime graph optimization {graph_optimization!r} is not one of {', '.join(levels)}."
+            )
+        if threads is not None and threads < 1:
+            raise UsageError(f"threads must be at least 1, got {threads}.")
+
+        provider = PROVIDERS[device]
+        available = ort.get_available_providers()
+        if provider not in available:
+            raise BackendUnavailable(
+                f"onnxruntime {ort.__version__} here has no {provider} (it has {', '.join(available)}); "
+                + ("install onnxruntime-gpu on a machine with an NVIDIA GPU and a matching CUDA, or run on the CPU."
+                   if device == "cuda" else "reinstall onnxruntime.")
+            )
+        self.path = require_file(path, "ONNX file")
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = levels[graph_optimization]
+        if threads is not None:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        so.log_severity_level = 3  # errors only: warnings go to stderr unasked and say nothing actionable here
+        try:
+            self._session = ort.InferenceSession(str(self.path), sess_options=so, providers=[provider])
+        except Exception as e:  # ORT raises its own pybind exception types, all derived from Exception
+            raise load_failure(self.path, "onnxruntime", e) from e
+        active = self._session.get_providers()
+        if active[0] != provider:
+            # ORT logs and continues on the CPU when a GPU provider fails to initialise; that is not what was asked.
+            raise BackendUnavailable(
+                f"onnxruntime could not start {provider} (active providers: {', '.join(active)}); check the NVIDIA "
+                f"driver and the CUDA/cuDNN libraries onnxruntime-gpu {ort.__version__} needs, or run on the CPU."
+            )
+
+        self.name = f"onnxruntime:{device}:{precision}"
+        self.precision = precision
+        self.device = device
+        self.inputs = [_spec(a) for a in self._session.get_inputs()]
+        self.outputs = [_spec(a) for a in self._session.get_outputs()]
+        self._output_names = [s.name for s in self.outputs]
+        self.options: dict[str, Any] = {
+            "threads": threads,
+            "graph_optimization": graph_optimization,
+            "providers": active,
+        }
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.inputs, feeds)
+        values = self._session.run(self._output_names, dict(feeds))
+        return dict(zip(self._output_names, values))
+
+    def close(self) -> None:
+        self._session = None
+
+
+def _spec(arg: Any) -> TensorSpec:
+    """TensorSpec of an ORT NodeArg; symbolic or unknown dimensions become None."""
+    dtype = _ORT_DTYPES.get(arg.type, arg.type)
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or ()))
+    return TensorSpec(arg.name, dtype, shape)

@@ -1,0 +1,182 @@
+"""OpenVINO: ONNX -> IR conversion, and a runner that pins the inference precision it was asked for.
+
+On CPUs with bf16 support OpenVINO computes FP32 models in bf16 unless told otherwise, so every runner sets
+INFERENCE_PRECISION_HINT explicitly and reads back what the compiled model actually uses.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import numpy as np
+
+from partialnet.errors import DeployError, UsageError
+
+from .artifacts import load_failure, one_line, require_file
+from .base import BackendUnavailable, TensorSpec, check_feeds
+
+InferencePrecision = Literal["f32", "bf16", "f16"]
+
+PRECISIONS = ("fp32", "bf16", "int8")
+# What each artifact precision computes in by default. An int8 IR's quantized ops run in int8 whatever the hint;
+# the hint decides the rest of the graph, which must stay f32 so only the quantization error shows up.
+DEFAULT_INFERENCE_PRECISION: dict[str, InferencePrecision] = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+METADATA_RT_KEY = "partialnet"
+
+
+def convert_to_ir(onnx_path: str | Path, xml_dest: str | Path, *, force: bool = False) -> Path:
+    """Convert an ONNX file to OpenVINO IR (.xml + .bin) with FP32 weights kept FP32; returns the .xml path.
+
+    Both files are written into a temporary folder beside the destination and then renamed into place, so an
+    interrupted conversion never leaves an IR that looks complete. The ONNX metadata_props are copied into the
+    IR's rt_info under "partialnet".
+    """
+    import openvino as ov
+
+    onnx_path = require_file(onnx_path, "ONNX file")
+    xml_dest = Path(xml_dest)
+    if xml_dest.suffix != ".xml":
+        raise UsageError(f"OpenVINO IR destination {xml_dest} must end in .xml (the weights go beside it in .bin).")
+    bin_dest = xml_dest.with_suffix(".bin")
+    for dest in (xml_dest, bin_dest):
+        if dest.exists() and not force:
+            raise UsageError(f"{dest} exists; pass --force to overwrite it.")
+
+    try:
+        model = ov.convert_model(str(onnx_path))
+    except Exception as e:  # OpenVINO raises RuntimeError or its own GeneralFailure/OpConversionFailure types
+        raise load_failure(onnx_path, "OpenVINO", e) from e
+    for key, value in _onnx_metadata(onnx_path).items():
+        model.set_rt_info(value, [METADATA_RT_KEY, key])
+
+    xml_dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{xml_dest.stem}.", suffix=".tmp", dir=xml_dest.parent))
+    try:
+        tmp_xml = tmp_dir / xml_dest.name
+        ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+        # The .bin goes first: a reader opens the .xml, so the .xml appearing last marks the pair complete.
+        os.replace(tmp_xml.with_suffix(".bin"), bin_dest)
+        os.replace(tmp_xml, xml_dest)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return xml_dest
+
+
+def _onnx_metadata(onnx_path: Path) -> dict[str, str]:
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+class OpenVINORunner:
+    """Runs an OpenVINO IR (.xml) or an .onnx file with OpenVINO on one device, at a pinned inference precision."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        precision: str = "fp32",
+        device: str = "CPU",
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
+        inference_precision: InferencePrecision | None = None,
+    ):
+        import openvino as ov
+
+        if precision not in PRECISIONS:
+            raise UsageError(f"openvino precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+        wanted = inference_precision or DEFAULT_INFERENCE_PRECISION[precision]
+        if wanted not in ("f32", "bf16", "f16"):
+            raise UsageError(f"openvino inference precision {wanted!r} is not one of f32, bf16, f16.")
+        if threads is not None and threads < 1:
+            raise UsageError(f"threads must be at least 1, got {threads}.")
+
+        core = ov.Core()
+        available = list(core.available_devices)
+        if device not in available:
+            raise BackendUnavailable(
+                f"OpenVINO {ov.__version__} has no device {device!r} here "
+                f"(available: {', '.join(available) or 'none'}); "
+                f"pick one of those, or install the driver/plugin for {device}."
+            )
+        self.path = require_file(path, "OpenVINO model")
+        if self.path.suffix == ".xml":
+            require_file(self.path.with_suffix(".bin"), "OpenVINO weights file")
+
+        try:
+            model = core.read_model(str(self.path))
+        except Exception as e:
+            raise load_failure(self.path, "OpenVINO", e) from e
+        _make_batch_dynamic(model, ov)
+
+        config: dict[str, Any] = {ov.properties.hint.inference_precision: getattr(ov.Type, wanted)}
+        if threads is not None:
+            config[ov.properties.inference_num_threads] = threads
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            core.set_property({ov.properties.cache_dir: str(cache_dir)})
+        try:
+            self._compiled = core.compile_model(model, device, config)
+        except Exception as e:
+            raise DeployError(
+                f"OpenVINO could not compile {self.path} for {device} ({one_line(e)}); check that the model was "
+                f"exported by this tool, or try another --device."
+            ) from e
+
+        in_effect = _type_name(self._compiled.get_property(ov.properties.hint.inference_precision))
+        if in_effect != wanted:
+            # OpenVINO substitutes a supported precision without telling; report it instead of measuring a lie.
+            caps = ", ".join(core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
+            raise BackendUnavailable(
+                f"OpenVINO on {device} computes in {in_effect} although {wanted} was requested: this device does not "
+                f"support {wanted} (its capabilities: {caps}); request a precision it supports."
+            )
+
+        self.name = f"openvino:{device.lower()}:{precision}"
+        self.precision = precision
+        self.device = device
+        self.inputs = [_spec(p) for p in self._compiled.inputs]
+        self.outputs = [_spec(p) for p in self._compiled.outputs]
+        self._request = self._compiled.create_infer_request()
+        self.options: dict[str, Any] = {
+            "device": device,
+            "device_name": core.get_property(device, "FULL_DEVICE_NAME"),
+            "threads": int(self._compiled.get_property(ov.properties.inference_num_threads)),
+            "inference_precision": in_effect,
+            "cache_dir": str(cache_dir) if cache_dir is not None else None,
+        }
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.inputs, feeds)
+        result = self._request.infer({name: feeds[name] for name in (s.name for s in self.inputs)})
+        return {spec.name: np.array(result[port]) for spec, port in zip(self.outputs, self._compiled.outputs)}
+
+    def close(self) -> None:
+        self._request = None
+        self._compiled = None
+
+
+def _make_batch_dynamic(model: Any, ov: Any) -> None:
+    """Reshape every input whose batch dimension is fixed to a dynamic batch, keeping the other dimensions."""
+    new_shapes = {}
+    for port in model.inputs:
+        shape = port.get_partial_shape()
+        if shape.rank.is_static and shape.rank.get_length() > 0 and shape[0].is_static:
+            dims = [ov.Dimension(-1)] + [shape[i] for i in range(1, shape.rank.get_length())]
+            new_shapes[port.get_any_name()] = ov.PartialShape(dims)
+    if new_shapes:
+        model.reshape(new_shapes)
+
+
+def _type_name(element_type: Any) -> str:
+    """OpenVINO's short element-type name: 'f32', 'bf16', 'f16'."""
+    return element_type.get_type_name()
+
+
+def _spec(port: Any) -> TensorSpec:
+    shape = tuple(None if d.is_dynamic else d.get_length() for d in port.get_partial_shape())
+    return TensorSpec(port.get_any_name(), str(port.get_element_type().to_dtype()), shape)
