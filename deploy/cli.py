@@ -90,21 +90,35 @@ def cmd_info(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from pathlib import Path
+
     import numpy as np
 
     from deploy.inputs import gather_inputs, read_labels
     from deploy.predict import format_topk, run_batched, topk
-    from runtimes.eager import EagerRunner
 
-    if args.backend != "eager":
-        raise UsageError(
-            f"--backend {args.backend} needs an export folder; with a variant name only --backend eager runs."
-        )
-    lm = _load(args)
-    size = args.input_size or lm.variant.preprocess.input_size
-    x, names = gather_inputs(args.images, args.inputs, lm.variant.preprocess.at(size))
-    runner = EagerRunner(lm.model, None if args.inputs else size, threads=args.threads)
-    logits = run_batched(runner, x, args.batch_size)
+    target = Path(args.variant)
+    if target.is_dir():
+        runner, pp, fixed = _artifact_runner(args, target)
+    else:
+        if args.backend != "eager":
+            raise UsageError(
+                f"--backend {args.backend} runs an export folder; {args.variant!r} is a variant name, which runs only "
+                f"with --backend eager. Export it first: deploy export {args.variant}."
+            )
+        from runtimes.eager import EagerRunner
+
+        lm = _load(args)
+        size = args.input_size or lm.variant.preprocess.input_size
+        pp = lm.variant.preprocess.at(size)
+        runner, fixed = EagerRunner(lm.model, None if args.inputs else size, threads=args.threads), None
+    if fixed is not None and args.input_size and args.input_size != fixed:
+        raise UsageError(f"this export is fixed at {fixed} px; --input-size {args.input_size} cannot apply.")
+    x, names = gather_inputs(args.images, args.inputs, pp)
+    try:
+        logits = run_batched(runner, x, args.batch_size)
+    finally:
+        runner.close()
     if args.save_logits:
         from export.files import atomic_save_npy
 
@@ -113,6 +127,24 @@ def cmd_predict(args) -> int:
     idx, probs = topk(logits, args.topk)
     print(format_topk(names, idx, probs, labels))
     return 0
+
+
+def _artifact_runner(args, folder):
+    """A runner for an export folder's artifact, with the preprocessing recorded in its manifest."""
+    from deploy.backends import open_artifact
+    from export.manifest import Manifest
+    from partialnet.variants import Preprocess
+
+    manifest = Manifest.load(folder)
+    pp = Preprocess.from_dict(manifest.preprocess)
+    if args.backend == "eager":
+        from deploy.reference import eager_from_manifest
+        from runtimes.eager import EagerRunner
+
+        model = eager_from_manifest(manifest, allow_pickle=args.allow_pickle, log=_stderr(args))
+        return EagerRunner(model, manifest.input_size, threads=args.threads), pp, manifest.input_size
+    runner, _ = open_artifact(folder, manifest, args.backend, args.precision, args.threads)
+    return runner, pp, manifest.input_size
 
 
 def cmd_export(args) -> int:
@@ -133,6 +165,8 @@ def cmd_export(args) -> int:
         val_data=args.val_data,
         check=not args.no_check,
         threads=args.threads,
+        backends=args.backends,
+        precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
     )
     result = run_export(req, log=_stderr(args))
     print(result.folder)
@@ -160,10 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_info)
 
-    p = sub.add_parser("predict", parents=[common], help="top-k classes for images or a preprocessed array")
+    p = sub.add_parser("predict", parents=[common], help="top-k classes for images or a preprocessed array",
+                       description="TARGET is a variant name (eager only) or an export folder (any backend).")
     _add_model_args(p)
     p.add_argument("images", nargs="*", help="image files")
-    p.add_argument("--backend", default="eager", help="eager (for a variant name)")
+    p.add_argument("--backend", default="eager",
+                   help="eager, onnxruntime, openvino or tensorrt (the last three need an export folder)")
+    p.add_argument("--precision", default=None, help="artifact precision: fp32, fp16, bf16, int8 (default fp32)")
     p.add_argument("--inputs", help="preprocessed float32 NCHW array (.npy) instead of images")
     p.add_argument("--save-logits", help="write raw float32 logits [batch, classes] to this .npy")
     p.add_argument("--force", action="store_true", help="overwrite an existing --save-logits file")
@@ -185,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the post-export check against eager")
     p.add_argument("--val-data", help="images for the checks: folder (class subfolders = labels), .txt list, or .npy")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for runtimes")
+    p.add_argument("--backends", help="comma-separated: onnxruntime,openvino,tensorrt (default: every backend usable "
+                   "here; a requested one that cannot run here is reported as skipped, with the reason)")
+    p.add_argument("--precisions", default="fp32",
+                   help="comma-separated float precisions to build besides fp32: fp16 (tensorrt), bf16 (openvino)")
     p.set_defaults(handler=cmd_export)
     return parser
 

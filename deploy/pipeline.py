@@ -27,6 +27,7 @@ from partialnet.errors import UsageError
 from partialnet.profile import count_macs, count_params
 from runtimes.base import INPUT_NAME, OUTPUT_NAME
 
+from .backends import build_backends, parse_backends
 from .drift import TOLERANCES, Drift
 from .report import Report
 
@@ -52,6 +53,8 @@ class ExportRequest:
     check: bool = True
     check_samples: int = CHECK_SAMPLES
     threads: int | None = None
+    backends: str | None = None  # comma-separated; None = every backend usable here
+    precisions: tuple[str, ...] = ("fp32",)
 
 
 @dataclass
@@ -168,13 +171,14 @@ def _simplified_or_same(proto: onnx.ModelProto) -> onnx.ModelProto:
 def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> ExportResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    selected = parse_backends(req.backends)  # a bad --backends fails before any work
     lm = build_model(req.variant, req.checkpoint, spatial_attn=req.spatial_attn, allow_pickle=req.allow_pickle, log=log)
     size = req.input_size or lm.variant.preprocess.input_size
     pp = lm.variant.preprocess.at(size)
     dest = Path(req.output) if req.output else default_output(lm.variant.name, size, lm.variant.preprocess.input_size)
     staging = _Staging(dest, req.force)
     try:
-        result = _export_into(req, lm, size, pp, staging.path, log, timings)
+        result = _export_into(req, lm, size, pp, staging.path, log, timings, selected)
         staging.commit()
     except BaseException:
         staging.discard()
@@ -184,7 +188,7 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> Export
     return result
 
 
-def _export_into(req, lm, size, pp, folder: Path, log, timings) -> ExportResult:
+def _export_into(req, lm, size, pp, folder: Path, log, timings, selected) -> ExportResult:
     report = Report(title=f"{lm.variant.name} export")
     manifest = Manifest(
         variant=lm.variant.name,
@@ -249,12 +253,12 @@ def _export_into(req, lm, size, pp, folder: Path, log, timings) -> ExportResult:
     report.section("reparameterization", reparam_info)
 
     exit_code = 0
+    x = images.images
+    ref_all = eager_logits(original, x) if req.check else None
+    floor = fp32_noise_floor(original, x, ref_all) if req.check else 0.0
     if req.check:
         t = time.perf_counter()
-        x = images.images
         checks = {}
-        ref_all = eager_logits(original, x)
-        floor = fp32_noise_floor(original, x, ref_all)
         checks["eager_fp32_vs_fp64"] = floor
         for label, batch in (("batch_1", x[:1]), (f"batch_{len(x)}", x)):
             got = ort_logits(final_path, batch, req.threads)
@@ -268,6 +272,13 @@ def _export_into(req, lm, size, pp, folder: Path, log, timings) -> ExportResult:
         checks["tolerance"] = TOLERANCES["fp32"].to_dict()
         report.section("post_export_check", checks)
         timings["check_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    backends, unavailable = selected
+    build_backends(folder, manifest, backends, unavailable, list(req.precisions), x, ref_all, floor, report, log,
+                   req.threads, check=req.check)
+    timings["backends_s"] = time.perf_counter() - t
+    if req.check:
         if report.failed:
             exit_code = 3
             log(f"error: the exported model drifts from eager beyond tolerance: {'; '.join(report.failures)}")
