@@ -32,6 +32,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def _input_size(text: str) -> int:
     value = _positive_int(text)
     if value % 32:
@@ -173,6 +190,43 @@ def cmd_export(args) -> int:
     return result.exit_code
 
 
+def cmd_validate(args) -> int:
+    from deploy.validate import ValidateRequest, format_validation, run_validation
+
+    req = ValidateRequest(
+        folder=args.folder,
+        data=args.data,
+        samples=args.samples,
+        backends=args.backends,
+        max_top1_drop=args.max_top1_drop,
+        min_agreement=args.min_agreement,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        allow_pickle=args.allow_pickle,
+    )
+    result = run_validation(req, log=_stderr(args), show_progress=not args.quiet)
+    print(json.dumps(result.document, indent=2) if args.json else format_validation(result.document))
+    return 0 if result.passed else 3
+
+
+def cmd_bench(args) -> int:
+    from deploy.bench import BenchRequest, format_bench, parse_batch_sizes, run_bench
+
+    req = BenchRequest(
+        folder=args.folder,
+        backends=args.backends,
+        batch_sizes=parse_batch_sizes(args.batch_sizes),
+        threads=args.threads,
+        warmup_s=args.warmup_s,
+        duration_s=args.duration_s,
+        allow_pickle=args.allow_pickle,
+    )
+    result = run_bench(req, log=_stderr(args), show_progress=not args.quiet)
+    print(json.dumps(result.document, indent=2) if args.json else format_bench(result.document))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -227,6 +281,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="fp32",
                    help="comma-separated float precisions to build besides fp32: fp16 (tensorrt), bf16 (openvino)")
     p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("validate", parents=[common], help="accuracy and drift of every artifact against eager, gated",
+                       description="Run eager and every artifact of an export folder on the same images; exit 3 if a "
+                                   "tolerance or gate fails. Writes DIR/validation.json and DIR/validation.md.")
+    p.add_argument("folder", metavar="DIR", help="export folder made by 'deploy export'")
+    p.add_argument("--data", help="images: folder (class subfolders = labels, in sorted order), .txt list of "
+                   "'path [label]' lines, or a preprocessed float32 .npy (default: the embedded set, no labels)")
+    p.add_argument("--samples", type=_positive_int, default=None,
+                   help="images to use, sampled with --seed (default: all of --data, or 64 of the embedded set)")
+    p.add_argument("--backends", help="comma-separated backends to validate (default: every artifact in the manifest)")
+    p.add_argument("--max-top1-drop", type=_non_negative_float, default=None, metavar="P",
+                   help="fail if an artifact's top-1 is more than P percentage points below eager's (needs labels)")
+    p.add_argument("--min-agreement", type=_non_negative_float, default=None, metavar="A",
+                   help="fail if an artifact's top-1 agrees with eager's on less than fraction A of the images")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for eager and the runtimes")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling images and the bootstrap (default 0)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow a checkpoint that needs arbitrary pickled code (only for files you trust)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser("bench", parents=[common], help="latency of eager and every artifact, interleaved in one run",
+                       description="Time eager and every artifact of an export folder round-robin on the same inputs. "
+                                   "Writes DIR/bench.json, DIR/bench.md and DIR/bench.png.")
+    p.add_argument("folder", metavar="DIR", help="export folder made by 'deploy export'")
+    p.add_argument("--backends", help="comma-separated backends to time (default: every artifact in the manifest)")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for eager and the runtimes (default: each library's own default)")
+    p.add_argument("--warmup-s", type=_non_negative_float, default=1.0,
+                   help="untimed seconds per runner and batch size before timing (default 1; at least one call)")
+    p.add_argument("--duration-s", type=_positive_float, default=5.0,
+                   help="timed seconds per runner and batch size (default 5; at least 5 calls)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow a checkpoint that needs arbitrary pickled code (only for files you trust)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_bench)
     return parser
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,12 @@ def test_split_shortcut_only_in_last_stage():
     model = build_model("partialnet_t2").model
     flags = [blk.split_shortcut for s in (0, 2, 4, 6) for blk in model.stages[s].blocks]
     assert flags == [False] * 10 + [True] * 4
+
+
+def test_irpe_buckets_equal_the_official_tables():
+    # Tables written by the official iRPE code (tests/data/official/README.json), including the log branch (21x21, 24x24).
+    tables = np.load(Path(__file__).parent / "data" / "official" / "rpe_buckets.npz")
+    assert len(tables.files) == 8
+    for key in tables.files:
+        h, w = (int(v) for v in key[1:].split("x"))
+        assert np.array_equal(bucket_ids(h, w).numpy(), tables[key]), key
