@@ -93,8 +93,12 @@ def build_backends(
     report.section("backend_checks", checks)
 
 
-def open_artifact(folder: Path, manifest: Manifest, backend: str, precision: str | None, threads: int | None = None):
-    """A runner for the manifest's (backend, precision) artifact, after checking the backend and the file's hash."""
+def open_artifact(folder: Path, manifest: Manifest, backend: str, precision: str | None, threads: int | None = None,
+                  **options):
+    """A runner for the manifest's (backend, precision) artifact, after checking the backend and the file's hash.
+
+    `options` go to the runner of that backend (e.g. spinning=False for onnxruntime).
+    """
     from runtimes.artifacts import check_artifact
     from runtimes.base import BackendUnavailable
 
@@ -108,7 +112,7 @@ def open_artifact(folder: Path, manifest: Manifest, backend: str, precision: str
     if "weights" in art.extra:
         check_artifact(folder / art.extra["weights"], art.extra.get("weights_sha256"))
     return open_runner(backend, folder / art.path, precision=art.precision,
-                       threads=None if backend == "tensorrt" else threads), art
+                       threads=None if backend == "tensorrt" else threads, **options), art
 
 
 def _skip(manifest: Manifest, backend: str, precision: str, reason: str, log, quiet: bool = False) -> None:

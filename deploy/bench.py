@@ -188,7 +188,7 @@ def run_bench(req: BenchRequest, log: Log = print, show_progress: bool = False) 
     images = default_images(ACCURACY_SAMPLES, pp, seed=0)
 
     _, eager = open_eager(manifest, req.threads, req.allow_pickle, log)
-    opened, skipped = open_rows(folder, manifest, rows, req.threads, log)
+    opened, skipped = open_rows(folder, manifest, rows, req.threads, log, for_timing=True)
     runners = [eager, *opened]
     try:
         if not opened and rows:

@@ -58,6 +58,16 @@ def _input_size(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser, *, checkpoint_required: bool = False) -> None:
     p.add_argument("variant", help="variant name, e.g. partialnet_t0 (see 'deploy list')")
     p.add_argument("--checkpoint", "-c", required=checkpoint_required,
@@ -184,7 +194,20 @@ def cmd_export(args) -> int:
         threads=args.threads,
         backends=args.backends,
         precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
+        int8=args.int8,
+        calib_data=args.calib_data,
+        calib_size=args.calib_size,
+        calib_method=args.calib_method,
+        target_agreement=args.target_agreement,
+        max_accuracy_drop=args.max_accuracy_drop / 100 if args.max_accuracy_drop is not None else None,
+        validate=not args.no_validate,
+        bench=not args.no_bench,
+        quiet=args.quiet,
     )
+    if args.max_accuracy_drop is not None and not args.val_data:
+        raise UsageError("--max-accuracy-drop needs labelled --val-data (class subfolders) to measure accuracy on.")
+    if (args.calib_data or args.target_agreement is not None or args.max_accuracy_drop is not None) and not args.int8:
+        raise UsageError("--calib-data, --target-agreement and --max-accuracy-drop apply to INT8: add --int8.")
     result = run_export(req, log=_stderr(args))
     print(result.folder)
     return result.exit_code
@@ -278,6 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for runtimes")
     p.add_argument("--backends", help="comma-separated: onnxruntime,openvino,tensorrt (default: every backend usable "
                    "here; a requested one that cannot run here is reported as skipped, with the reason)")
+    p.add_argument("--int8", action="store_true", help="also build INT8 artifacts for every backend, calibrated")
+    p.add_argument("--calib-data", help="calibration images: folder (recursive; class subfolders are sampled "
+                   "evenly), .txt list of paths, or preprocessed .npy (default: an embedded set, said plainly)")
+    p.add_argument("--calib-size", type=_positive_int, default=512, help="calibration images (default 512, or all)")
+    p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax",
+                   help="activation range calibration (default minmax)")
+    p.add_argument("--target-agreement", type=_fraction, default=None,
+                   help="keep the most sensitive blocks in float until INT8 agrees with eager on this fraction of top-1")
+    p.add_argument("--max-accuracy-drop", type=_non_negative_float, default=None,
+                   help="INT8 may lose at most this many points of top-1 on labelled --val-data (sensitivity pass, "
+                   "and NNCF's accuracy-controlled quantization for OpenVINO)")
+    p.add_argument("--no-validate", action="store_true", help="skip 'deploy validate' at the end of the export")
+    p.add_argument("--no-bench", action="store_true", help="skip the short latency run (and its plot)")
     p.add_argument("--precisions", default="fp32",
                    help="comma-separated float precisions to build besides fp32: fp16 (tensorrt), bf16 (openvino)")
     p.set_defaults(handler=cmd_export)

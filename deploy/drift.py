@@ -100,3 +100,4 @@ TOLERANCES = {
     "bf16": Tolerance(max_abs_rel=2e-1, min_top1_agreement=0.95),
     "int8": Tolerance(min_top1_agreement=0.90, min_cosine=0.97),
 }
+TOLERANCES["int8-qdq"] = TOLERANCES["int8"]  # the TensorRT Q/DQ ONNX, checked under ONNX Runtime on the CPU

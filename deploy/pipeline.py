@@ -33,6 +33,10 @@ from .report import Report
 
 ONNX_FP32 = "model.onnx"
 CHECK_SAMPLES = 8
+CALIB_SIZE = 512
+DEFAULT_CALIB_IMAGES = 128  # the embedded default set: all of it is used when --calib-size asks for more
+VALIDATE_SAMPLES = 64
+BENCH_WARMUP_S, BENCH_DURATION_S = 0.5, 2.0
 SIMPLIFY_RTOL = 1e-5
 
 
@@ -55,6 +59,15 @@ class ExportRequest:
     threads: int | None = None
     backends: str | None = None  # comma-separated; None = every backend usable here
     precisions: tuple[str, ...] = ("fp32",)
+    int8: bool = False
+    calib_data: str | None = None
+    calib_size: int = CALIB_SIZE
+    calib_method: str = "minmax"
+    target_agreement: float | None = None
+    max_accuracy_drop: float | None = None  # fraction of top-1
+    validate: bool = True
+    bench: bool = True
+    quiet: bool = False
 
 
 @dataclass
@@ -155,6 +168,96 @@ def _simplify(proto: onnx.ModelProto, raw_path: Path, dest: Path, x: np.ndarray,
         return proto, info
     info["applied"] = True
     return simplified, info
+
+
+def calibration_images(req: ExportRequest, pp, log) -> ImageSet:
+    """--calib-data (seeded, stratified sample of --calib-size), or the embedded default set, said plainly."""
+    if req.calib_data:
+        calib = load_images(req.calib_data, pp, limit=req.calib_size, seed=0)
+        if calib.skipped:
+            log(f"note: skipped {len(calib.skipped)} unreadable calibration image(s), e.g. {calib.skipped[0]}")
+        return calib
+    calib = default_images(min(req.calib_size, DEFAULT_CALIB_IMAGES), pp, seed=0)
+    log(f"warning: INT8 is calibrated on the {calib.source}, NOT on your data; pass --calib-data DIR "
+        f"(a few hundred of your own images) for a calibration you can trust")
+    return calib
+
+
+def _int8(req, folder: Path, manifest: Manifest, backends, unavailable, original, pp, report: Report, log) -> None:
+    from .int8 import build_int8_artifacts
+
+    calib = calibration_images(req, pp, log)
+    val = load_images(req.val_data, pp, seed=0) if req.val_data else None
+    # The Q/DQ ONNX for TensorRT needs no GPU: build it whenever TensorRT was asked for, usable here or not.
+    targets = [b for b in backends if b != "tensorrt"] + (["tensorrt"] if "tensorrt" in backends or "tensorrt" in unavailable else [])
+    section = build_int8_artifacts(
+        folder, manifest, targets, calib, val, lambda x: eager_logits(original, x),
+        method=req.calib_method, target_agreement=req.target_agreement, max_accuracy_drop=req.max_accuracy_drop,
+        log=log, threads=req.threads,
+    )
+    section["calibrated_on_user_data"] = calib.user_data
+    if not calib.user_data:
+        section["warning"] = f"calibrated on the {calib.source}, not on the user's data"
+    report.section("int8", section)
+
+
+def _validate(req, folder: Path, report: Report, log) -> None:
+    """Every artifact against eager on the validation data (or the default set): the gates of `deploy validate`."""
+    from .validate import ValidateRequest, run_validation
+
+    drop = req.max_accuracy_drop * 100 if req.max_accuracy_drop is not None else None
+    # Without --val-data, a sample of the calibration data is still the user's own domain; the embedded photos
+    # would be out of distribution for, say, a digits model. It is not held out: the report says so.
+    data = req.val_data or (req.calib_data if req.int8 else None)
+    held_out = bool(req.val_data)
+    if data and not held_out:
+        log("note: validating on a sample of --calib-data (not held out); pass --val-data for held-out images")
+    val = run_validation(
+        ValidateRequest(folder, data=data, samples=None if held_out else VALIDATE_SAMPLES, seed=0 if held_out else 1,
+                        threads=req.threads, max_top1_drop=drop, allow_pickle=req.allow_pickle),
+        log=log, show_progress=not req.quiet,
+    )
+    doc = val.document
+    report.section("validation", {
+        "data": doc["data"]["source"],
+        "held_out": held_out,
+        "artifacts": [{k: row.get(k) for k in ("backend", "precision", "top1", "top1_agreement",
+                                               "max_abs_logit_error", "cosine_similarity", "passed")}
+                      for row in doc["artifacts"]],
+        "files": ["validation.json", "validation.md"],
+    })
+    for gate in doc["gates"]:
+        report.gate(f"validate: {gate['name']}", gate["failures"])
+
+
+def _bench(req, folder: Path, report: Report, log) -> None:
+    """A short interleaved latency run at batch 1 (the plot, and INT8 against FP32 on each backend)."""
+    from .bench import BenchRequest, run_bench
+
+    b = run_bench(BenchRequest(folder, batch_sizes=(1,), threads=req.threads, warmup_s=BENCH_WARMUP_S,
+                               duration_s=BENCH_DURATION_S), log=log, show_progress=not req.quiet)
+    rows = b.document["rows"]
+    p50 = {(r["backend"], r["precision"]): r["p50_ms"] for r in rows}
+    int8_vs_fp32 = {}
+    for (backend, precision), ms in p50.items():
+        if precision.startswith("int8") and (backend, "fp32") in p50:
+            ratio = ms / p50[(backend, "fp32")]
+            int8_vs_fp32[f"{backend}/{precision}"] = {
+                "int8_p50_ms": ms, "fp32_p50_ms": p50[(backend, "fp32")], "int8_over_fp32": ratio,
+                "faster": ratio < 1.0,
+            }
+            if ratio >= 1.0:
+                note = (f"{backend} {precision} is not faster than fp32 here ({ms:.2f} vs {p50[(backend, 'fp32')]:.2f} "
+                        f"ms p50): see bench.md; short export-time runs on a busy machine are noisy, rerun 'deploy bench'")
+                int8_vs_fp32[f"{backend}/{precision}"]["note"] = note
+                log(f"note: {note}")
+    report.section("latency", {
+        "rows": [{k: r[k] for k in ("backend", "precision", "batch_size", "p50_ms", "p90_ms", "speedup_vs_eager")}
+                 for r in rows],
+        "int8_vs_fp32": int8_vs_fp32,
+        "settings": {"batch_size": 1, "threads": req.threads, "warmup_s": BENCH_WARMUP_S, "duration_s": BENCH_DURATION_S},
+        "files": ["bench.json", "bench.md", "bench.png"],
+    })
 
 
 def _simplified_or_same(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -278,10 +381,24 @@ def _export_into(req, lm, size, pp, folder: Path, log, timings, selected) -> Exp
     build_backends(folder, manifest, backends, unavailable, list(req.precisions), x, ref_all, floor, report, log,
                    req.threads, check=req.check)
     timings["backends_s"] = time.perf_counter() - t
-    if req.check:
-        if report.failed:
-            exit_code = 3
-            log(f"error: the exported model drifts from eager beyond tolerance: {'; '.join(report.failures)}")
+
+    if req.int8:
+        t = time.perf_counter()
+        _int8(req, folder, manifest, backends, unavailable, original, pp, report, log)
+        timings["int8_s"] = time.perf_counter() - t
+    manifest.save(folder)  # validation and bench read the folder
+
+    if req.check and req.validate:
+        t = time.perf_counter()
+        _validate(req, folder, report, log)
+        timings["validate_s"] = time.perf_counter() - t
+    if req.bench:
+        t = time.perf_counter()
+        _bench(req, folder, report, log)
+        timings["bench_s"] = time.perf_counter() - t
+    if report.failed:
+        exit_code = 3
+        log(f"error: a check failed: {'; '.join(report.failures)}")
 
     report.section("timings", {k: round(v, 3) for k, v in timings.items()})
     manifest.save(folder)

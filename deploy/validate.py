@@ -204,8 +204,11 @@ def open_eager(manifest: Manifest, threads: int | None, allow_pickle: bool,
 
 
 def open_rows(folder: Path, manifest: Manifest, rows: Sequence[Artifact], threads: int | None,
-              log: Log) -> tuple[list[Opened], list[dict[str, str]]]:
-    """Runners for the rows (hash-checked); a row whose backend cannot run here is skipped with the reason."""
+              log: Log, *, for_timing: bool = False) -> tuple[list[Opened], list[dict[str, str]]]:
+    """Runners for the rows (hash-checked); a row whose backend cannot run here is skipped with the reason.
+
+    `for_timing` stops ONNX Runtime's idle threads from spinning, so runtimes timed in turn do not slow each other.
+    """
     from .backends import open_artifact
 
     opened: list[Opened] = []
@@ -216,7 +219,8 @@ def open_rows(folder: Path, manifest: Manifest, rows: Sequence[Artifact], thread
                 if art.backend not in BACKENDS:
                     raise BackendUnavailable(f"this deploy has no runner for backend {art.backend!r} "
                                              f"(it runs {', '.join(BACKENDS)})")
-                runner, found = open_artifact(folder, manifest, art.backend, art.precision, threads)
+                options = {"spinning": False} if for_timing and art.backend == "onnxruntime" else {}
+                runner, found = open_artifact(folder, manifest, art.backend, art.precision, threads, **options)
             except BackendUnavailable as e:
                 skipped.append({"backend": art.backend, "precision": art.precision, "reason": str(e)})
                 log(f"skipped {row_key(art)}: {e}")

@@ -14,7 +14,7 @@ from .base import BackendUnavailable, TensorSpec, check_feeds
 GraphOptimization = Literal["all", "extended", "basic", "disabled"]
 Device = Literal["cpu", "cuda"]
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_DTYPES = {
     "tensor(float)": "float32",
@@ -39,7 +39,10 @@ class OrtRunner:
         threads: int | None = None,
         graph_optimization: GraphOptimization = "all",
         device: Device = "cpu",
+        spinning: bool = True,
     ):
+        """`spinning=False` stops idle worker threads from busy-waiting: needed when several runtimes share the
+        cores in one interleaved benchmark, where a spinning session steals time from the next one."""
         import onnxruntime as ort
 
         if precision not in PRECISIONS:
@@ -74,6 +77,8 @@ class OrtRunner:
         if threads is not None:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
+        if not spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3  # errors only: warnings go to stderr unasked and say nothing actionable here
         try:
             self._session = ort.InferenceSession(str(self.path), sess_options=so, providers=[provider])
@@ -97,6 +102,7 @@ class OrtRunner:
             "threads": threads,
             "graph_optimization": graph_optimization,
             "providers": active,
+            "spinning": spinning,
         }
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

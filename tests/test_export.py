@@ -18,23 +18,27 @@ DATA = Path(__file__).parent / "data" / "official"
 TINY = DATA / "tiny_gelu_sp.ckpt"
 
 
-def _export(tmp_path, *extra, name="out", capsys=None):
+def _export(tmp_path, *extra, name="out", full=False):
     out = tmp_path / name
-    rc = main(["export", "partialnet_t0", "--checkpoint", str(TINY), "--input-size", "64", "--output", str(out), "-q", *extra])
+    quick = [] if full else ["--no-validate", "--no-bench"]
+    rc = main(["export", "partialnet_t0", "--checkpoint", str(TINY), "--input-size", "64", "--output", str(out), "-q",
+               *quick, *extra])
     return rc, out
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    rc, out = _export(tmp)
+    rc, out = _export(tmp, full=True)
     assert rc == 0
     return out
 
 
 def test_folder_layout_and_manifest(exported):
     # default backends: every one usable here (onnxruntime, openvino; TensorRT needs a GPU and is not requested)
-    assert sorted(p.name for p in exported.iterdir()) == ["manifest.json", "model.onnx", "openvino", "report.json", "report.md"]
+    assert sorted(p.name for p in exported.iterdir()) == [
+        "bench.json", "bench.md", "bench.png", "manifest.json", "model.onnx", "openvino", "report.json", "report.md",
+        "validation.json", "validation.md"]
     m = json.loads((exported / "manifest.json").read_text())
     assert (m["variant"], m["input_size"], m["num_classes"]) == ("partialnet_t0", 64, 10)
     assert m["checkpoint_sha256"] == file_sha256(TINY)
@@ -76,7 +80,10 @@ def test_onnx_reproduces_official_logits(exported, batch):
 
 def test_report_records_reparam_and_check(exported):
     r = json.loads((exported / "report.json").read_text())
-    assert r["passed"] is True and [g["passed"] for g in r["gates"]] == [True] * 4  # onnxruntime + openvino, 2 batches
+    # onnxruntime + openvino at 2 batch sizes, then deploy validate's gate for each of the 2 artifacts
+    assert r["passed"] is True and [g["passed"] for g in r["gates"]] == [True] * 6
+    assert {a["backend"] for a in r["sections"]["validation"]["artifacts"]} == {"eager", "onnxruntime", "openvino"}
+    assert [row["backend"] for row in r["sections"]["latency"]["rows"]] == ["eager", "onnxruntime", "openvino"]
     rep = r["sections"]["reparameterization"]
     assert rep["spatial_attn_merged"] == 5 and rep["batchnorms_folded"] > 0
     assert rep["macs_after"] < rep["macs_before"] and rep["params_after"] < rep["params_before"]

@@ -17,7 +17,7 @@ TINY = DATA / "tiny_gelu_sp.ckpt"
 def folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("artifacts") / "t0"
     rc = main(["export", "partialnet_t0", "--checkpoint", str(TINY), "--input-size", "64", "--output", str(out),
-               "--backends", "onnxruntime,openvino,tensorrt", "--precisions", "fp32,bf16", "-q"])
+               "--backends", "onnxruntime,openvino,tensorrt", "--precisions", "fp32,bf16", "-q", "--no-bench"])
     assert rc == 0
     return out
 
