@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from partialnet.checkpoint import file_sha256
+from partialnet.files import atomic_write_bytes
 
 from .sources import ImageSet
 
@@ -115,7 +114,7 @@ class KeyedCache:
 
     def write_bytes(self, data: bytes) -> None:
         """Write the cache atomically, then its key."""
-        _atomic_bytes(self.path, data)
+        atomic_write_bytes(self.path, data, force=True)
         self.commit()
 
     def commit(self) -> None:
@@ -123,16 +122,4 @@ class KeyedCache:
         if not self.path.is_file():
             raise FileNotFoundError(f"no cache file at {self.path} to record a key for")
         payload = {"digest": self.key.digest(), "key": self.key.to_dict()}
-        _atomic_bytes(self.key_path, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def _atomic_bytes(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write_bytes(self.key_path, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import numpy as np
 import onnx
 
 from partialnet.errors import DeployError, UsageError
+from partialnet.files import atomic_path
 
 from .cache import CacheKey, KeyedCache
 from .policy import DEFAULT_POLICY, FloatPolicy, OnnxGraph
@@ -377,30 +377,6 @@ def _ort_version() -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def atomic_output(dest: Path, force: bool) -> Iterator[Path]:
-    """A temporary path beside `dest`, renamed onto it on success; refuses to replace `dest` without force."""
-    dest = Path(dest)
-    if dest.exists() and not force:
-        raise UsageError(f"{dest} exists; pass --force to overwrite it.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_metadata(path: Path, metadata: Mapping[str, str]) -> None:
     """Replace the file's metadata_props by `metadata` (keeping any key not given)."""
     proto = onnx.load(str(path))
@@ -445,7 +421,7 @@ def quantize_ort(
     try:
         _, graph = session.graph(CPU_SCHEME)
         exclude = policy.onnx_nodes_to_exclude(graph)
-        with atomic_output(dest, force) as tmp:
+        with atomic_path(dest, force=force) as tmp:
             info = session.quantize(tmp, CPU_SCHEME, exclude)
             meta = {**source_metadata(session.onnx_path), **(metadata or {})}
             meta["partialnet.precision"] = "int8"

@@ -18,12 +18,12 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from partialnet.errors import UsageError
+from partialnet.files import atomic_path
 
 from .ort_int8 import (
     TENSORRT_SCHEME,
     QuantizationError,
     QuantSession,
-    atomic_output,
     source_metadata,
     write_metadata,
 )
@@ -108,7 +108,7 @@ def build_qdq(
     try:
         _, graph = session.graph(TENSORRT_SCHEME)
         exclude = policy.onnx_nodes_to_exclude(graph)
-        with atomic_output(dest, force) as tmp:
+        with atomic_path(dest, force=force) as tmp:
             info = session.quantize(tmp, TENSORRT_SCHEME, exclude)
             meta = {**source_metadata(session.onnx_path), **(metadata or {})}
             meta["partialnet.precision"] = "int8-qdq"

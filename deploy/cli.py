@@ -147,7 +147,7 @@ def cmd_predict(args) -> int:
     finally:
         runner.close()
     if args.save_logits:
-        from export.files import atomic_save_npy
+        from partialnet.files import atomic_save_npy
 
         atomic_save_npy(args.save_logits, logits.astype(np.float32), force=args.force)
     labels = read_labels(args.labels, logits.shape[1]) if args.labels else None

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from export.files import atomic_path
+from partialnet.files import atomic_path
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 

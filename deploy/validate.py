@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from calibration.sources import ImageSet, default_images, load_images
-from export.files import atomic_write_json, atomic_write_text
+from partialnet.files import atomic_write_json, atomic_write_text
 from export.manifest import Artifact, Manifest, tool_versions
 from partialnet.errors import DeployError, UsageError
 from partialnet.variants import Preprocess

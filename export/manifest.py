@@ -12,7 +12,7 @@ from typing import Any
 from partialnet.checkpoint import file_sha256
 from partialnet.errors import DeployError
 
-from .files import atomic_write_json
+from partialnet.files import atomic_write_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

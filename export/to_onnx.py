@@ -20,7 +20,7 @@ import torch
 from partialnet.errors import DeployError
 from runtimes.base import INPUT_NAME, OUTPUT_NAME
 
-from .files import atomic_path
+from partialnet.files import atomic_path
 
 Exporter = Literal["torchscript", "dynamo"]
 DEFAULT_OPSET = 18

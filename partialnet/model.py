@@ -7,7 +7,7 @@ Blocks:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal, Sequence
 
 import torch

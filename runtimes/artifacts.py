@@ -1,12 +1,10 @@
 """Checks that an artifact on disk is present, whole, and the one its manifest describes."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from partialnet.checkpoint import file_sha256
-from partialnet.errors import DeployError, UsageError
+from partialnet.errors import DeployError
 
 REEXPORT_HINT = "re-export it with `deploy export --force`"
 
@@ -52,30 +50,3 @@ def one_line(error: BaseException, limit: int = 240) -> str:
     text = telling[-1] if telling else type(error).__name__
     text = text.rstrip(".")
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def atomic_write_bytes(dest: str | Path, data: bytes | memoryview, *, force: bool = False, mode: int = 0o666) -> Path:
-    """Write `data` to a temporary file beside `dest`, then rename it onto `dest`; refuse to overwrite without force.
-
-    `mode` is filtered by the umask, as for any file the user creates (0o777 makes a script executable).
-    """
-    dest = Path(dest)
-    if dest.exists() and not force:
-        raise UsageError(f"{dest} exists; pass --force to overwrite it.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode & ~_umask())  # mkstemp creates 0600; an artifact should look like any other output
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

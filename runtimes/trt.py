@@ -22,7 +22,9 @@ import numpy as np
 
 from partialnet.errors import DeployError, UsageError
 
-from .artifacts import ArtifactError, atomic_write_bytes, one_line, require_file
+from partialnet.files import EXEC_MODE, atomic_write_bytes
+
+from .artifacts import ArtifactError, one_line, require_file
 from .base import INPUT_NAME, BackendUnavailable, InputError, TensorSpec, check_feeds
 
 Precision = Literal["fp32", "fp16", "int8"]
@@ -401,4 +403,4 @@ def write_build_script(
         'cd "$(dirname "$0")"\n'
         f"{command}\n"
     )
-    return atomic_write_bytes(dest, text.encode("utf-8"), force=force, mode=0o777)
+    return atomic_write_bytes(dest, text.encode("utf-8"), force=force, mode=EXEC_MODE)

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import io
-import pickle
 
 import pytest
 import torch

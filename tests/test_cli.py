@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from deploy.cli import main
-from partialnet import build_model
 
 DATA = Path(__file__).parent / "data" / "official"
 TINY = str(DATA / "tiny_gelu_sp.ckpt")

@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 from deploy.cli import main
 from partialnet.checkpoint import file_sha256

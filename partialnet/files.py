@@ -1,4 +1,5 @@
-"""Atomic writes: a temporary file in the same folder, then a rename, so nothing half-written looks complete."""
+"""Atomic writes for every layer: a temporary file in the same folder, then a rename, so an interrupted run never
+leaves a half-written file that looks complete. An existing file is kept unless `force`."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from partialnet.errors import UsageError
+from .errors import UsageError
 
 
 def _umask() -> int:
@@ -21,10 +22,11 @@ def _umask() -> int:
 
 FILE_MODE = 0o666 & ~_umask()
 DIR_MODE = 0o777 & ~_umask()
+EXEC_MODE = DIR_MODE  # rwx as the umask allows: for generated scripts
 
 
 @contextmanager
-def atomic_path(dest: str | Path, *, force: bool = False) -> Iterator[Path]:
+def atomic_path(dest: str | Path, *, force: bool = False, mode: int = FILE_MODE) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success rename it onto `dest`, on failure delete it."""
     dest = Path(dest)
     if dest.exists() and not force:
@@ -35,11 +37,17 @@ def atomic_path(dest: str | Path, *, force: bool = False) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, FILE_MODE)  # mkstemp creates 0600; the result should look like any other file
+        os.chmod(tmp_path, mode)  # mkstemp creates 0600; the result should look like any other file
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def atomic_write_bytes(dest: str | Path, data: bytes | memoryview, *, force: bool = False, mode: int = FILE_MODE) -> Path:
+    with atomic_path(dest, force=force, mode=mode) as tmp:
+        tmp.write_bytes(data)
+    return Path(dest)
 
 
 def atomic_save_npy(dest: str | Path, arr: np.ndarray, *, force: bool = False) -> None:
@@ -49,8 +57,7 @@ def atomic_save_npy(dest: str | Path, arr: np.ndarray, *, force: bool = False) -
 
 
 def atomic_write_text(dest: str | Path, text: str, *, force: bool = False) -> None:
-    with atomic_path(dest, force=force) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    atomic_write_bytes(dest, text.encode("utf-8"), force=force)
 
 
 def atomic_write_json(dest: str | Path, obj: Any, *, force: bool = False) -> None:
