@@ -413,23 +413,51 @@ def quantize_ort(
     Returns what was done: scheme, calibration (method, source, size), pre-processing, the policy and the nodes it
     kept in float, Q/DQ counts. `session` reuses an existing calibration (the sensitivity pass makes one).
     """
+    return write_quantized(onnx_path, dest, calib, CPU_SCHEME, "int8", policy=policy, method=method,
+                           preprocess=preprocess, session=session, cache_dir=cache_dir, metadata=metadata,
+                           force=force, log=log)
+
+
+def write_quantized(
+    onnx_path: str | Path,
+    dest: str | Path,
+    calib: ImageSet,
+    scheme: Scheme,
+    precision: str,
+    *,
+    policy: FloatPolicy,
+    method: str,
+    preprocess: Mapping[str, Any] | None,
+    session: QuantSession | None,
+    cache_dir: Path | None,
+    metadata: Mapping[str, str] | None,
+    force: bool,
+    log: Callable[[str], None],
+    check: Callable[[Path], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Quantize with one scheme and the policy's exclusions, stamp the metadata, check, and rename into place.
+
+    `check(tmp)` may inspect the file before it is renamed (its result is returned as "structure").
+    """
     dest = Path(dest)
     if dest.exists() and not force:
         raise UsageError(f"{dest} exists; pass --force to overwrite it.")
     own = session is None
     session = session or QuantSession(Path(onnx_path), calib, method, dict(preprocess or {}), cache_dir=cache_dir, log=log)
     try:
-        _, graph = session.graph(CPU_SCHEME)
+        _, graph = session.graph(scheme)
         exclude = policy.onnx_nodes_to_exclude(graph)
         with atomic_path(dest, force=force) as tmp:
-            info = session.quantize(tmp, CPU_SCHEME, exclude)
+            info = session.quantize(tmp, scheme, exclude)
             meta = {**source_metadata(session.onnx_path), **(metadata or {})}
-            meta["partialnet.precision"] = "int8"
-            meta["partialnet.quantization"] = json.dumps({"scheme": CPU_SCHEME.name, "method": session.method,
-                                                    "calibration": session.calib.source, "policy": policy.name},
-                                                   sort_keys=True)
+            meta["partialnet.precision"] = precision
+            meta["partialnet.quantization"] = json.dumps({"scheme": scheme.name, "method": session.method,
+                                                          "calibration": session.calib.source, "policy": policy.name},
+                                                         sort_keys=True)
             write_metadata(tmp, meta)
             onnx.checker.check_model(str(tmp))
+            if check is not None:
+                info["structure"] = check(tmp)
         return {
             **info,
             "calibration": session.calibration_info(),

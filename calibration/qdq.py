@@ -8,7 +8,6 @@ also runs under onnxruntime on the CPU, which is how its accuracy is checked on 
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -17,16 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from partialnet.errors import UsageError
-from partialnet.files import atomic_path
 
-from .ort_int8 import (
-    TENSORRT_SCHEME,
-    QuantizationError,
-    QuantSession,
-    source_metadata,
-    write_metadata,
-)
+from .ort_int8 import TENSORRT_SCHEME, QuantizationError, QuantSession, write_quantized
 from .policy import DEFAULT_POLICY, FloatPolicy
 from .sources import ImageSet
 
@@ -100,32 +91,6 @@ def build_qdq(
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, Any]:
     """Write the symmetric explicit-Q/DQ ONNX (tensorrt/model.qdq.onnx) atomically and return what was done."""
-    dest = Path(dest)
-    if dest.exists() and not force:
-        raise UsageError(f"{dest} exists; pass --force to overwrite it.")
-    own = session is None
-    session = session or QuantSession(Path(onnx_path), calib, method, dict(preprocess or {}), cache_dir=cache_dir, log=log)
-    try:
-        _, graph = session.graph(TENSORRT_SCHEME)
-        exclude = policy.onnx_nodes_to_exclude(graph)
-        with atomic_path(dest, force=force) as tmp:
-            info = session.quantize(tmp, TENSORRT_SCHEME, exclude)
-            meta = {**source_metadata(session.onnx_path), **(metadata or {})}
-            meta["partialnet.precision"] = "int8-qdq"
-            meta["partialnet.quantization"] = json.dumps({"scheme": TENSORRT_SCHEME.name, "method": session.method,
-                                                    "calibration": session.calib.source, "policy": policy.name},
-                                                   sort_keys=True)
-            write_metadata(tmp, meta)
-            onnx.checker.check_model(str(tmp))
-            structure = check_qdq(tmp)
-        return {
-            **info,
-            "structure": structure,
-            "calibration": session.calibration_info(),
-            "pre_processing": session.pre_processing,
-            "policy": policy.to_dict(),
-            "excluded_node_names": exclude,
-        }
-    finally:
-        if own:
-            session.close()
+    return write_quantized(onnx_path, dest, calib, TENSORRT_SCHEME, "int8-qdq", policy=policy, method=method,
+                           preprocess=preprocess, session=session, cache_dir=cache_dir, metadata=metadata,
+                           force=force, log=log, check=check_qdq)
