@@ -122,4 +122,5 @@ class KeyedCache:
         if not self.path.is_file():
             raise FileNotFoundError(f"no cache file at {self.path} to record a key for")
         payload = {"digest": self.key.digest(), "key": self.key.to_dict()}
-        atomic_write_bytes(self.key_path, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
+        atomic_write_bytes(self.key_path, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode(),
+                           force=True)

@@ -101,3 +101,4 @@ TOLERANCES = {
     "int8": Tolerance(min_top1_agreement=0.90, min_cosine=0.97),
 }
 TOLERANCES["int8-qdq"] = TOLERANCES["int8"]  # the TensorRT Q/DQ ONNX, checked under ONNX Runtime on the CPU
+TOLERANCES["int8-entropy"] = TOLERANCES["int8"]  # TensorRT 10's implicit INT8 with its entropy calibrator

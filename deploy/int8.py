@@ -42,6 +42,8 @@ OV_INT8 = "openvino/model.int8.xml"
 TRT_QDQ = "tensorrt/model.qdq.onnx"
 TRT_PLAN = "tensorrt/model.int8.plan"
 TRT_SCRIPT = "tensorrt/build.int8.sh"
+TRT_ENTROPY_PLAN = "tensorrt/model.int8-entropy.plan"
+TRT_ENTROPY_CACHE = "tensorrt/calibration.cache"
 QDQ_PRECISION = "int8-qdq"
 
 
@@ -270,4 +272,34 @@ def _build_tensorrt(folder: Path, manifest: Manifest, calib: ImageSet, val: Imag
         return out
     manifest.artifacts.append(Artifact.of(folder, TRT_PLAN, "tensorrt", "int8", source=TRT_QDQ, **built))
     out["tensorrt/int8"] = {"built": True, **built, "check": check}
+    out.update(_build_tensorrt_entropy(folder, manifest, calib, val, ref_calib, ref_val, force, log))
     return out
+
+
+def _build_tensorrt_entropy(folder: Path, manifest: Manifest, calib: ImageSet, val: ImageSet | None,
+                            ref_calib: np.ndarray, ref_val: np.ndarray | None, force: bool,
+                            log: Callable[[str], None]) -> dict[str, Any]:
+    """Where TensorRT still has the calibrator API (10.x), also offer its entropy-calibrated implicit-INT8 engine."""
+    from calibration.trt_calibrator import entropy_calibrator
+    from runtimes.trt import build_engine, require_tensorrt
+
+    from .backends import TRT_BATCH
+
+    if not hasattr(require_tensorrt(), "IInt8EntropyCalibrator2"):
+        return {}
+    try:
+        calibrator = entropy_calibrator(folder / "model.onnx", calib, folder / TRT_ENTROPY_CACHE, manifest.preprocess)
+        built = build_engine(folder / "model.onnx", folder / TRT_ENTROPY_PLAN, precision="int8-entropy",
+                             input_size=manifest.input_size, min_batch=TRT_BATCH[0], opt_batch=TRT_BATCH[1],
+                             max_batch=TRT_BATCH[2], timing_cache=folder / "tensorrt" / "timing.cache", force=force,
+                             calibrator=calibrator)
+        check = _evaluate("tensorrt", folder / TRT_ENTROPY_PLAN, "int8-entropy", "int8-entropy", calib, ref_calib,
+                          val, ref_val, None)
+    except DeployError as e:
+        (folder / TRT_ENTROPY_PLAN).unlink(missing_ok=True)
+        manifest.skipped.append({"backend": "tensorrt", "precision": "int8-entropy", "reason": str(e)})
+        log(f"skipped tensorrt int8-entropy engine: {e}")
+        return {"tensorrt/int8-entropy": {"built": False, "reason": str(e)}}
+    manifest.artifacts.append(Artifact.of(folder, TRT_ENTROPY_PLAN, "tensorrt", "int8-entropy",
+                                          calibration_cache=TRT_ENTROPY_CACHE, **built))
+    return {"tensorrt/int8-entropy": {"built": True, **built, "check": check}}

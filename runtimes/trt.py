@@ -27,8 +27,10 @@ from partialnet.files import EXEC_MODE, atomic_write_bytes
 from .artifacts import ArtifactError, one_line, require_file
 from .base import INPUT_NAME, BackendUnavailable, InputError, TensorSpec, check_feeds
 
-Precision = Literal["fp32", "fp16", "int8"]
-PRECISIONS = ("fp32", "fp16", "int8")
+# int8: from an explicit Q/DQ ONNX (TensorRT 10 and 11); int8-entropy: from the float ONNX with TensorRT 10's
+# implicit-INT8 entropy calibrator (calibration/trt_calibrator.py), where that API still exists.
+Precision = Literal["fp32", "fp16", "int8", "int8-entropy"]
+PRECISIONS = ("fp32", "fp16", "int8", "int8-entropy")
 MIN_MAJOR = 10
 INSTALL_HINT = 'install it with `pip install -e ".[tensorrt]"` on a machine with an NVIDIA GPU and driver'
 REBUILD_HINT = "rebuild it on this machine with `deploy export --backends tensorrt --force` or the build.sh beside it"
@@ -141,6 +143,7 @@ def build_engine(
     timing_cache: Path | None = None,
     workspace_gb: float = 4,
     force: bool = False,
+    calibrator: Any = None,
 ) -> dict[str, Any]:
     """Build a serialized engine for batches min..max at input_size and write it atomically; returns build info.
 
@@ -155,6 +158,8 @@ def build_engine(
     if plan_dest.exists() and not force:
         raise UsageError(f"{plan_dest} exists; pass --force to overwrite it.")
     _check_quantization_matches(onnx_path, precision)
+    if (precision == "int8-entropy") != (calibrator is not None):
+        raise UsageError("an int8-entropy engine needs a calibrator (calibration.trt_calibrator), and only it takes one.")
     strongly_typed = precision == "int8"
     if precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16"):
         raise EngineBuildError(
@@ -180,6 +185,9 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
+    if calibrator is not None:
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.int8_calibrator = calibrator
     if hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
 
@@ -194,6 +202,8 @@ def build_engine(
             )
         profile.set_shape(tensor.name, (min_batch, *expected), (opt_batch, *expected), (max_batch, *expected))
     config.add_optimization_profile(profile)
+    if calibrator is not None:
+        config.set_calibration_profile(profile)
 
     cache = None
     if timing_cache is not None:
@@ -256,7 +266,7 @@ def _check_quantization_matches(onnx_path: Path, precision: str) -> None:
             f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes, so an int8 engine built from it would run "
             f"in float; build int8 from the calibrated Q/DQ ONNX instead."
         )
-    if precision != "int8" and qdq > 0:
+    if precision != "int8" and qdq > 0:  # fp32, fp16, and int8-entropy (calibrated by TensorRT itself)
         raise EngineBuildError(
             f"{onnx_path} is quantized ({qdq} Q/DQ nodes) but precision {precision} was asked; build it as int8, "
             f"or build {precision} from the float ONNX."

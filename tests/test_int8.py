@@ -350,6 +350,8 @@ def test_stale_cache_is_deleted_not_read(folder, calib, pp, tmp_path):
     assert cache.status() == "miss" and cache.read_bytes() is None
     cache.write_bytes(b"ranges")
     assert cache.status() == "hit" and KeyedCache(cache.path, key).read_bytes() == b"ranges"
+    cache.write_bytes(b"ranges, refreshed")  # a tool rewriting its own valid cache replaces it and its key
+    assert cache.status() == "hit" and cache.read_bytes() == b"ranges, refreshed"
     assert json.loads(cache.key_path.read_text())["digest"] == key.digest()
     stale = KeyedCache(cache.path, CacheKey.of(folder / "model.onnx", calib, Preprocess(SIZE, interpolation="bilinear").to_dict()))
     assert stale.status() == "stale"
