@@ -111,6 +111,9 @@ def open_artifact(folder: Path, manifest: Manifest, backend: str, precision: str
     check_artifact(folder / art.path, art.sha256)
     if "weights" in art.extra:
         check_artifact(folder / art.extra["weights"], art.extra.get("weights_sha256"))
+    if backend == "openvino":
+        # OpenVINO's compile cache beside the IR: the second run of an artifact skips compilation.
+        options.setdefault("cache_dir", folder / "openvino" / "cache")
     return open_runner(backend, folder / art.path, precision=art.precision,
                        threads=None if backend == "tensorrt" else threads, **options), art
 
