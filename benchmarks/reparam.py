@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from export.reparam import HSIG_OFFSET, HSIG_SLOPE, DeployBlock, DeployMLP, bn_affine, reparameterize_model
+from deploy.report import cpu_model
 from export.to_onnx import export_onnx
 from partialnet import DeployError, PartialNet, build_model, get_variant
 from partialnet.model import MLPBlock, SpatialAttention
@@ -446,16 +447,6 @@ def cpu_pressure_us() -> int | None:
     return int(first.rsplit("total=", 1)[1])
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cpu_isa() -> str:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -471,7 +462,7 @@ def environment(args: argparse.Namespace, pressure: float | None) -> str:
     return "\n".join(
         [
             f"- command: `{command}`",
-            f"- CPU: {_cpu_model()}, {cpus} logical CPUs usable, widest SIMD: {_cpu_isa()}; load average now "
+            f"- CPU: {cpu_model()}, {cpus} logical CPUs usable, widest SIMD: {_cpu_isa()}; load average now "
             f"(1/5/15 min): {load}; CPU pressure while timing (share of wall time some task waited for a core, "
             f"Linux PSI): {'n/a' if pressure is None else f'{pressure:.0%}'}",
             f"- onnxruntime {ort.__version__}, CPUExecutionProvider, intra-op threads {args.threads}, inter-op 1, "

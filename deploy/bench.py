@@ -23,7 +23,8 @@ from runtimes.base import INPUT_NAME
 from .drift import Drift
 from .predict import run_batched
 from .report import Report
-from .validate import (Log, Opened, close_all, isa_summary, machine_fingerprint, nothing_runs_error, open_eager,
+from .report import isa_summary, machine_fingerprint
+from .validate import (Log, Opened, close_all, nothing_runs_error, open_eager,
                        open_rows, select_rows)
 
 SLICE_S = 0.1  # one turn of a runner in the round-robin

@@ -2,21 +2,71 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+# Instruction-set extensions that change what a CPU backend computes and how fast (x86, then ARM).
+ISA_FLAGS = {
+    "flags": ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+              "amx_bf16", "amx_int8"),
+    "Features": ("asimd", "asimddp", "asimdhp", "sve", "sve2", "i8mm", "bf16"),
+}
 
-def cpu_model() -> str:
+
+def _cpuinfo(keys: tuple[str, ...]) -> dict[str, str]:
+    """The first value of each of these /proc/cpuinfo keys (empty where there is no such file)."""
+    found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in keys and key not in found:
+                    found[key] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return found
+
+
+def cpu_model() -> str:
+    return _cpuinfo(("model name",)).get("model name") or platform.processor() or platform.machine()
+
+
+def machine_fingerprint() -> dict[str, Any]:
+    """What a drift or latency figure depends on: CPU model and ISA extensions, usable CPUs, GPUs, library versions."""
+    import torch
+
+    from export.manifest import tool_versions
+
+    info = _cpuinfo(tuple(ISA_FLAGS))
+    isa: dict[str, bool] | str = "unknown (no /proc/cpuinfo)"
+    for key, flags in ISA_FLAGS.items():
+        if key in info:
+            have = set(info[key].split())
+            isa = {flag: flag in have for flag in flags}
+            break
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+    return {
+        "cpu": cpu_model(),
+        "isa": isa,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpus or None,
+        "platform": platform.platform(),
+        "libraries": tool_versions(),
+    }
+
+
+def isa_summary(env: dict[str, Any]) -> str:
+    """The extensions a fingerprint found, on one line."""
+    if isinstance(env["isa"], str):
+        return env["isa"]
+    return ", ".join(k for k, v in env["isa"].items() if v) or "none of those listed"
 
 
 @dataclass

@@ -7,8 +7,6 @@ exit code.
 """
 from __future__ import annotations
 
-import os
-import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -17,7 +15,7 @@ import numpy as np
 
 from calibration.sources import ImageSet, default_images, load_images
 from partialnet.files import atomic_write_json, atomic_write_text
-from export.manifest import Artifact, Manifest, tool_versions
+from export.manifest import Artifact, Manifest
 from partialnet.errors import DeployError, UsageError
 from partialnet.variants import Preprocess
 from runtimes.base import BackendUnavailable, Runner
@@ -25,7 +23,7 @@ from runtimes.factory import BACKENDS
 
 from .drift import TOLERANCES, Drift
 from .predict import run_batched
-from .report import Report, cpu_model
+from .report import Report, isa_summary, machine_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -34,13 +32,6 @@ DEFAULT_SAMPLES = 64  # images drawn from the embedded default set when no --dat
 BOOTSTRAP_RESAMPLES = 10_000
 REFERENCE_ONNX = "onnxruntime/fp32"
 REDUCED_PRECISIONS = ("fp16", "bf16")
-# Instruction-set extensions that change what a CPU backend computes and how fast (x86, then ARM).
-ISA_FLAGS = {
-    "flags": ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
-              "amx_bf16", "amx_int8"),
-    "Features": ("asimd", "asimddp", "asimdhp", "sve", "sve2", "i8mm", "bf16"),
-}
-
 Log = Callable[[str], None]
 
 
@@ -120,42 +111,6 @@ def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- machine and artifacts
-
-
-def machine_fingerprint() -> dict[str, Any]:
-    """What a drift or latency figure depends on: CPU model and ISA extensions, usable CPUs, GPUs, library versions."""
-    import torch
-
-    isa: dict[str, bool] | str = "unknown (no /proc/cpuinfo)"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ISA_FLAGS:
-                    have = set(value.split())
-                    isa = {flag: flag in have for flag in ISA_FLAGS[key.strip()]}
-                    break
-    except OSError:
-        pass
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
-        else []
-    return {
-        "cpu": cpu_model(),
-        "isa": isa,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": gpus or None,
-        "platform": platform.platform(),
-        "libraries": tool_versions(),
-    }
-
-
-def isa_summary(env: dict[str, Any]) -> str:
-    """The extensions a fingerprint found, on one line."""
-    if isinstance(env["isa"], str):
-        return env["isa"]
-    return ", ".join(k for k, v in env["isa"].items() if v) or "none of those listed"
 
 
 def row_key(art: Artifact) -> str:
@@ -256,14 +211,14 @@ def read_images(data: str | None, pp: Preprocess, samples: int | None, seed: int
     """The user's images (sampled to `samples`, seeded), or DEFAULT_SAMPLES crops of the embedded set."""
     if data is None:
         return default_images(samples or DEFAULT_SAMPLES, pp, seed=seed)
-    progress = None
-    if show_progress and Path(data).suffix.lower() != ".npy":
-        from tqdm import tqdm
+    show = show_progress and Path(data).suffix.lower() != ".npy"
+    return load_images(data, pp, limit=samples, seed=seed, progress=_reading_progress if show else None)
 
-        def progress(it):
-            return tqdm(it, desc="reading images", unit="img", leave=False)
 
-    return load_images(data, pp, limit=samples, seed=seed, progress=progress)
+def _reading_progress(items):
+    from tqdm import tqdm
+
+    return tqdm(items, desc="reading images", unit="img", leave=False)
 
 
 def run_logits(o: Opened, x: np.ndarray, batch_size: int, show_progress: bool) -> np.ndarray:
