@@ -155,6 +155,7 @@ class BenchRequest:
     duration_s: float = 5.0
     slice_s: float = SLICE_S
     allow_pickle: bool = False
+    shown_as: str | None = None  # the folder's name in reports, when it is benched before being renamed into place
 
 
 @dataclass
@@ -207,7 +208,8 @@ def run_bench(req: BenchRequest, log: Log = print, show_progress: bool = False) 
 
     table = bench_rows(runners, req.batch_sizes, latencies, agreement, threads)
     report = Report(title=f"{manifest.variant} benchmark")
-    report.section("export", {"folder": str(folder), "variant": manifest.variant, "input_size": manifest.input_size})
+    shown = Path(req.shown_as) if req.shown_as else folder
+    report.section("export", {"folder": str(shown), "variant": manifest.variant, "input_size": manifest.input_size})
     report.section("settings", {
         "batch_sizes": list(req.batch_sizes), "threads": req.threads, "warmup_s": req.warmup_s,
         "duration_s": req.duration_s, "slice_s": req.slice_s, "min_calls": MIN_CALLS,
@@ -224,8 +226,8 @@ def run_bench(req: BenchRequest, log: Log = print, show_progress: bool = False) 
         doc.pop(key)
     doc.update(doc.pop("sections"))
     doc["environment"] = doc.pop("environment")
-    doc["files"] = {"json": str(folder / "bench.json"), "markdown": str(folder / "bench.md"),
-                    "plot": str(folder / "bench.png")}
+    doc["files"] = {"json": str(shown / "bench.json"), "markdown": str(shown / "bench.md"),
+                    "plot": str(shown / "bench.png")}
 
     points = [PlotPoint(f"{r['backend']} {r['precision']}", r["p50_ms"], r["top1_agreement"], r["batch_size"])
               for r in table]
@@ -235,7 +237,7 @@ def run_bench(req: BenchRequest, log: Log = print, show_progress: bool = False) 
     markdown = bench_markdown(doc)
     atomic_write_json(folder / "bench.json", doc, force=True)
     atomic_write_text(folder / "bench.md", markdown, force=True)
-    log(f"wrote {folder / 'bench.json'}, {folder / 'bench.md'} and {plot}")
+    log(f"wrote {shown / 'bench.json'}, {shown / 'bench.md'} and {shown / plot.name}")
     return Bench(doc, markdown, plot)
 
 

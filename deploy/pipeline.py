@@ -201,7 +201,7 @@ def _int8(req, folder: Path, manifest: Manifest, backends, unavailable, original
     report.section("int8", section)
 
 
-def _validate(req, folder: Path, report: Report, log) -> None:
+def _validate(req, folder: Path, report: Report, log, shown_as: str) -> None:
     """Every artifact against eager on the validation data (or the default set): the gates of `deploy validate`."""
     from .validate import ValidateRequest, run_validation
 
@@ -214,7 +214,7 @@ def _validate(req, folder: Path, report: Report, log) -> None:
         log("note: validating on a sample of --calib-data (not held out); pass --val-data for held-out images")
     val = run_validation(
         ValidateRequest(folder, data=data, samples=None if held_out else VALIDATE_SAMPLES, seed=0 if held_out else 1,
-                        threads=req.threads, max_top1_drop=drop, allow_pickle=req.allow_pickle),
+                        threads=req.threads, max_top1_drop=drop, allow_pickle=req.allow_pickle, shown_as=shown_as),
         log=log, show_progress=not req.quiet,
     )
     doc = val.document
@@ -230,12 +230,12 @@ def _validate(req, folder: Path, report: Report, log) -> None:
         report.gate(f"validate: {gate['name']}", gate["failures"])
 
 
-def _bench(req, folder: Path, report: Report, log) -> None:
+def _bench(req, folder: Path, report: Report, log, shown_as: str) -> None:
     """A short interleaved latency run at batch 1 (the plot, and INT8 against FP32 on each backend)."""
     from .bench import BenchRequest, run_bench
 
     b = run_bench(BenchRequest(folder, batch_sizes=(1,), threads=req.threads, warmup_s=BENCH_WARMUP_S,
-                               duration_s=BENCH_DURATION_S), log=log, show_progress=not req.quiet)
+                               duration_s=BENCH_DURATION_S, shown_as=shown_as), log=log, show_progress=not req.quiet)
     rows = b.document["rows"]
     p50 = {(r["backend"], r["precision"]): r["p50_ms"] for r in rows}
     int8_vs_fp32 = {}
@@ -281,7 +281,7 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> Export
     dest = Path(req.output) if req.output else default_output(lm.variant.name, size, lm.variant.preprocess.input_size)
     staging = _Staging(dest, req.force)
     try:
-        result = _export_into(req, lm, size, pp, staging.path, log, timings, selected)
+        result = _export_into(req, lm, size, pp, staging.path, log, timings, selected, shown_as=str(dest))
         staging.commit()
     except BaseException:
         staging.discard()
@@ -291,7 +291,7 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> Export
     return result
 
 
-def _export_into(req, lm, size, pp, folder: Path, log, timings, selected) -> ExportResult:
+def _export_into(req, lm, size, pp, folder: Path, log, timings, selected, shown_as: str) -> ExportResult:
     report = Report(title=f"{lm.variant.name} export")
     manifest = Manifest(
         variant=lm.variant.name,
@@ -390,11 +390,11 @@ def _export_into(req, lm, size, pp, folder: Path, log, timings, selected) -> Exp
 
     if req.check and req.validate:
         t = time.perf_counter()
-        _validate(req, folder, report, log)
+        _validate(req, folder, report, log, shown_as)
         timings["validate_s"] = time.perf_counter() - t
     if req.bench:
         t = time.perf_counter()
-        _bench(req, folder, report, log)
+        _bench(req, folder, report, log, shown_as)
         timings["bench_s"] = time.perf_counter() - t
     if report.failed:
         exit_code = 3

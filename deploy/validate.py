@@ -348,6 +348,7 @@ class ValidateRequest:
     batch_size: int = 16
     seed: int = 0  # image sampling and the bootstrap
     allow_pickle: bool = False
+    shown_as: str | None = None  # the folder's name in reports, when it is validated before being renamed into place
 
 
 @dataclass
@@ -403,7 +404,7 @@ def run_validation(req: ValidateRequest, log: Log = print, show_progress: bool =
     eager_row.update(role="reference", noise_floor=floor, failures=[], passed=True)
     for row in measured[1:]:
         judge_row(row, eager_row["top1"], floor, gates, report)
-    report.section("export", {"folder": str(folder), "variant": manifest.variant, "input_size": manifest.input_size,
+    report.section("export", {"folder": req.shown_as or str(folder), "variant": manifest.variant, "input_size": manifest.input_size,
                               "num_classes": manifest.num_classes, "checkpoint_sha256": manifest.checkpoint_sha256})
     report.section("data", {"source": images.source, "samples": len(images), "labelled": labels is not None,
                             "user_data": images.user_data, "class_names": images.class_names,
@@ -425,7 +426,8 @@ def run_validation(req: ValidateRequest, log: Log = print, show_progress: bool =
     markdown = validation_markdown(doc)
     atomic_write_json(folder / "validation.json", doc, force=True)
     atomic_write_text(folder / "validation.md", markdown, force=True)
-    log(f"wrote {folder / 'validation.json'} and {folder / 'validation.md'}")
+    shown = Path(req.shown_as) if req.shown_as else folder
+    log(f"wrote {shown / 'validation.json'} and {shown / 'validation.md'}")
     if report.failed:
         log(f"validation failed: {'; '.join(report.failures)}")
     return Validation(doc, markdown)
