@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
@@ -30,6 +27,8 @@ import numpy as np
 import onnx
 
 from partialnet.errors import UsageError
+
+from runtimes.ov import check_ir_destination, save_ir
 
 from .ort_int8 import QuantizationError, check_calibration_set, model_input_size
 from .policy import DEFAULT_POLICY, FloatPolicy, OnnxGraph
@@ -87,25 +86,6 @@ def ignored_ops_fed_by_fake_quantize(model: Any, names: Iterable[str]) -> list[s
     return out
 
 
-def save_ir_atomically(model: Any, xml_dest: Path, force: bool) -> None:
-    """Save an IR pair via a temporary folder beside it; the .bin lands first, the .xml last marks it complete."""
-    import openvino as ov
-
-    bin_dest = xml_dest.with_suffix(".bin")
-    for dest in (xml_dest, bin_dest):
-        if dest.exists() and not force:
-            raise UsageError(f"{dest} exists; pass --force to overwrite it.")
-    xml_dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{xml_dest.stem}.", suffix=".tmp", dir=xml_dest.parent))
-    try:
-        tmp_xml = tmp / xml_dest.name
-        ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
-        os.replace(tmp_xml.with_suffix(".bin"), bin_dest)
-        os.replace(tmp_xml, xml_dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def quantize_ov(
     source: str | Path,
     onnx_path: str | Path,
@@ -132,8 +112,7 @@ def quantize_ov(
     source, onnx_path, dest = Path(source), Path(onnx_path), Path(dest)
     if dest.suffix != ".xml":
         raise UsageError(f"OpenVINO INT8 destination {dest} must end in .xml (the weights go beside it in .bin).")
-    if dest.exists() and not force:
-        raise UsageError(f"{dest} exists; pass --force to overwrite it.")
+    check_ir_destination(dest, force)
     for p, what in ((source, "OpenVINO model"), (onnx_path, "ONNX model")):
         if not p.is_file():
             raise UsageError(f"{what} {p} does not exist; run 'deploy export' first.")
@@ -186,7 +165,7 @@ def quantize_ov(
     if ops.get("FakeQuantize", 0) == 0:
         raise QuantizationError("NNCF produced no FakeQuantize op: nothing was quantized; check the ignored scope.")
     still_quantized = ignored_ops_fed_by_fake_quantize(quantized, ignored)
-    save_ir_atomically(quantized, dest, force)
+    save_ir(quantized, dest, force=force)
     return {
         "tool": f"nncf {nncf.__version__}, openvino {ov.__version__}",
         "mode": "quantize_with_accuracy_control" if accuracy_control else "quantize",

@@ -14,9 +14,9 @@ from typing import Any, Callable, Hashable, Mapping, Sequence, TypeVar
 import numpy as np
 
 from calibration.sources import default_images
-from partialnet.files import atomic_write_json, atomic_write_text
 from export.manifest import Manifest
 from partialnet.errors import UsageError
+from partialnet.files import atomic_write_json, atomic_write_text
 from partialnet.variants import Preprocess
 from runtimes.base import INPUT_NAME
 

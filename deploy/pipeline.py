@@ -18,12 +18,12 @@ import onnx
 import torch
 
 from calibration.sources import ImageSet, default_images, load_images
-from partialnet.files import DIR_MODE, atomic_write_json, atomic_write_text
 from export.manifest import Artifact, Manifest, metadata_props
 from export.reparam import reparameterize_model_with_summary
 from export.to_onnx import DEFAULT_OPSET, GraphStats, export_onnx, save_onnx, set_metadata
 from partialnet import build_model
 from partialnet.errors import UsageError
+from partialnet.files import DIR_MODE, atomic_write_json, atomic_write_text
 from partialnet.profile import count_macs, count_params
 from runtimes.base import INPUT_NAME, OUTPUT_NAME
 

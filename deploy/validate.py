@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from calibration.sources import ImageSet, default_images, load_images
-from partialnet.files import atomic_write_json, atomic_write_text
 from export.manifest import Artifact, Manifest
 from partialnet.errors import DeployError, UsageError
+from partialnet.files import atomic_write_json, atomic_write_text
 from partialnet.variants import Preprocess
 from runtimes.base import BackendUnavailable, Runner
 from runtimes.factory import BACKENDS

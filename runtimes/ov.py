@@ -40,25 +40,37 @@ def convert_to_ir(onnx_path: str | Path, xml_dest: str | Path, *, force: bool = 
     xml_dest = Path(xml_dest)
     if xml_dest.suffix != ".xml":
         raise UsageError(f"OpenVINO IR destination {xml_dest} must end in .xml (the weights go beside it in .bin).")
-    bin_dest = xml_dest.with_suffix(".bin")
-    for dest in (xml_dest, bin_dest):
-        if dest.exists() and not force:
-            raise UsageError(f"{dest} exists; pass --force to overwrite it.")
-
+    check_ir_destination(xml_dest, force)
     try:
         model = ov.convert_model(str(onnx_path))
     except Exception as e:  # OpenVINO raises RuntimeError or its own GeneralFailure/OpConversionFailure types
         raise load_failure(onnx_path, "OpenVINO", e) from e
     for key, value in _onnx_metadata(onnx_path).items():
         model.set_rt_info(value, [METADATA_RT_KEY, key])
+    save_ir(model, xml_dest, force=force)
+    return xml_dest
 
+
+def check_ir_destination(xml_dest: Path, force: bool) -> None:
+    """Refuse to replace an existing .xml or .bin without force (checked before any slow work)."""
+    for dest in (xml_dest, xml_dest.with_suffix(".bin")):
+        if dest.exists() and not force:
+            raise UsageError(f"{dest} exists; pass --force to overwrite it.")
+
+
+def save_ir(model: Any, xml_dest: str | Path, *, force: bool = False) -> Path:
+    """Save an IR pair with FP32 weights kept FP32, via a temporary folder beside it, then rename into place."""
+    import openvino as ov
+
+    xml_dest = Path(xml_dest)
+    check_ir_destination(xml_dest, force)
     xml_dest.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{xml_dest.stem}.", suffix=".tmp", dir=xml_dest.parent))
     try:
         tmp_xml = tmp_dir / xml_dest.name
         ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
         # The .bin goes first: a reader opens the .xml, so the .xml appearing last marks the pair complete.
-        os.replace(tmp_xml.with_suffix(".bin"), bin_dest)
+        os.replace(tmp_xml.with_suffix(".bin"), xml_dest.with_suffix(".bin"))
         os.replace(tmp_xml, xml_dest)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
