@@ -355,10 +355,17 @@ class OvIndex:
         self.graph = graph
         self.origin: dict[str, str | None] = {}
         ops = [o for o in ov_model.get_ordered_ops() if o.get_type_name() not in ("Constant", "Parameter", "Result")]
+        names_taken = {o.get_friendly_name() for o in ops}
         for op in ops:
             name = op.get_friendly_name()
             base = name[: -len(OV_BIAS_SUFFIX)] if name.endswith(OV_BIAS_SUFFIX) else name
-            self.origin[name] = base if base in graph.by_name else None
+            if base in graph.by_name:
+                self.origin[name] = base
+            elif base in graph.producer and graph.producer[base].name not in names_taken:
+                # The op feeding a model output is named after the output tensor ("logits"), not its ONNX node.
+                self.origin[name] = graph.producer[base].name
+            else:
+                self.origin[name] = None
         self.present = {o for o in self.origin.values() if o is not None}
         labels = {n: (graph.units.get(o) if o else unit_of_name(n)) for n, o in self.origin.items()}
         producers: dict[str, set[str]] = {n: set() for n in self.origin}

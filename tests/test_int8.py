@@ -198,6 +198,9 @@ def test_policy_maps_fused_and_renamed_openvino_ops(folder, graph):
     names = FloatPolicy(parts=("attn_bias",)).ov_ignored_names(ov_model, graph)
     types = {o.get_friendly_name(): o.get_type_name() for o in ov_model.get_ordered_ops()}
     assert sorted(types[n] for n in names) == ["ScaledDotProductAttention"] * 2
+    # the op feeding the model output is named after the output tensor, not its ONNX node ('/head/Gemm')
+    assert index.origin["logits"] == "/head/Gemm"  # (the bias Add here; the MatMul where onnxsim fused them)
+    assert "logits" in FloatPolicy(parts=("head",)).ov_ignored_names(ov_model, graph)
 
 
 def test_policy_rejects_unknown_parts_and_units(graph):
@@ -402,6 +405,11 @@ def test_nncf_ir_is_quantized_and_respects_the_scope(ov_int8, calib, ref):
     assert len(block) == 4 and not set(block) & fq_fed  # the float block: no FakeQuantize on its convs
     srm = [n for n in convs if "/attn/cfc1/" in n]
     assert len(srm) == 11 and not set(srm) & fq_fed  # the default policy's SRM gates stay float
+    # the head's Linear stays float too (OpenVINO names its last op after the output tensor, "logits")
+    head = [n for n, o in by_name.items() if o.get_type_name() == "MatMul" and "logits" in {
+        c.get_node().get_friendly_name() for c in o.output(0).get_target_inputs()} | {n}]
+    assert len(head) == 1 and head[0] not in fq_fed
+    assert by_name[head[0]].input_value(1).get_node().get_type_name() == "Constant"  # fp32 weights, no decompression
     # the rest is quantized; NNCF's CNN preset puts some FakeQuantize ops before a Concat that feeds a conv, so not
     # every remaining conv reads one directly (28 of them do on this model)
     assert len(set(convs) & fq_fed) >= 25
