@@ -53,12 +53,13 @@ def test_onnx_graph_is_reparameterized_with_metadata(exported):
     onnx.checker.check_model(proto, full_check=True)
     ops = Counter(n.op_type for n in proto.graph.node)
     assert "BatchNormalization" not in ops and "HardSigmoid" not in ops
-    # tiny: depths 1-1-2-1 = 5 blocks with PAT_sp; per block one 3x3 and two 1x1 convs, SRM (1,2) convs in 4
-    # blocks, patch embed + 3 merges + the head's 1x1 conv.
+    # tiny: depths 1-1-2-1 = 5 blocks with PAT_sp; per block one 3x3 and two 1x1 convs, the SRM gate's 1x1 conv
+    # over [mean; std] (2C -> C) in 4 blocks, patch embed + 3 merges + the head's 1x1 conv.
     inits = {t.name: t for t in proto.graph.initializer}
     shapes = [tuple(inits[n.input[1]].dims) for n in proto.graph.node if n.op_type == "Conv"]
     one_by_one = [s for s in shapes if s[2:] == (1, 1)]
-    assert len(one_by_one) == 2 * 5 + 1
+    assert len(one_by_one) == 2 * 5 + 4 + 1
+    assert not [s for s in shapes if s[2:] == (1, 2)]  # no (1, 2) kernel left
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["partialnet.variant"] == "partialnet_t0" and meta["partialnet.input_size"] == "64"
     assert meta["partialnet.checkpoint_sha256"] == file_sha256(TINY)

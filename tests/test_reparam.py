@@ -243,7 +243,12 @@ def test_deploy_srm_gate_matches_srm_with_unbiased_std() -> None:
     srm = randomize_(SRM(6), seed=7).double().eval()
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64) * 2 + 1
     gate = DeploySRMGate.from_srm(srm, (5, 7), input_size=80)
-    assert gate.std_correction == 35 / 34
+    assert gate.cfc1.weight.shape == (6, 12, 1, 1)  # a 1x1 conv over [mean; std] stacked on channels
+    # the unbiased std's sqrt(N/(N-1)) is in the std half of the weights; the mean half does not depend on N
+    other = DeploySRMGate.from_srm(srm, (5, 6), input_size=80).cfc1.weight
+    ratio = other[:, 6:] / gate.cfc1.weight[:, 6:]
+    assert torch.allclose(ratio, torch.full_like(ratio, math.sqrt((30 / 29) / (35 / 34))), rtol=1e-12, atol=0)
+    assert torch.equal(other[:, :6], gate.cfc1.weight[:, :6])
     assert (srm(x) - gate(x)).abs().max() <= PURE_TOL
     with pytest.raises(ValueError, match=r"5x7 map .* got a 6x7 map"):
         gate(torch.randn(2, 6, 6, 7, dtype=torch.float64))
