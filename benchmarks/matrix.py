@@ -55,8 +55,10 @@ def deploy(*args: str) -> subprocess.CompletedProcess:
 
 
 def last_line(text: str) -> str:
+    """The error deploy printed (its last 'error:' line), else the last line of stderr."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "(no output)"
+    errors = [ln for ln in lines if ln.startswith(("error:", "deploy: error:"))]
+    return (errors or lines or ["(no output)"])[-1]
 
 
 def export(variant: str, folder: Path, args: argparse.Namespace, notes: list[str]) -> bool:

@@ -41,6 +41,8 @@ PARTS: dict[str, str] = {
     "sp_gate": "PAT_sp gate: the Clip (or rescaled HardSigmoid) of the merged conv's gate row, that row's own "
                "conv where calibration.rewrites split it off, the gating Mul and the post-gate shift Add",
     "head": "head: global pool -> 1x1 conv -> activation -> Linear",
+    "sp_tail": "PAT_sp tail as a whole: sp_gate plus the Split of the merged conv's C+1 rows and the Concat after "
+               "the gating (OpenVINO adds it for speed, see calibration.ov_int8)",
 }
 
 _BLOCK = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)$")
@@ -189,6 +191,7 @@ class OnnxGraph:
             "attn_bias": self._attn_logits,
             "srm_stats": self._srm_stats,
             "sp_gate": self._sp_gate,
+            "sp_tail": self._sp_tail,
             "head": self._head,
         }.get(part)
         if finder is None:
@@ -263,6 +266,16 @@ class OnnxGraph:
                 out.append(mul)
                 out.extend(a for a in self.consumers_of(mul) if a.op_type == "Add" and len(self.dynamic_inputs(a)) == 1)
         return out
+
+    def _sp_tail(self) -> list[onnx.NodeProto]:
+        gate = self._sp_gate()
+        out = list(gate)
+        for n in gate:
+            if n.op_type in ("Clip", "HardSigmoid"):
+                out.extend(p for p in self.producers_of(n) if p.op_type == "Split")
+            if n.op_type in ("Mul", "Add"):
+                out.extend(c for c in self.consumers_of(n) if c.op_type == "Concat")
+        return list({n.name: n for n in out}.values())
 
     def _head(self) -> list[onnx.NodeProto]:
         pools = [n for n in self.nodes if n.op_type == "GlobalAveragePool"]

@@ -21,6 +21,8 @@ import numpy as np
 
 from partialnet.errors import UsageError
 
+from runtimes.base import OUTPUT_NAME
+
 from .ort_int8 import CPU_SCHEME, INPUT_NAME, QuantSession
 from .policy import DEFAULT_POLICY, FloatPolicy
 
@@ -113,14 +115,14 @@ class SensitivityResult:
 
 
 def _logits(path: Path, images: np.ndarray, threads: int | None, batch: int = 16) -> np.ndarray:
-    import onnxruntime as ort
+    from runtimes.ort import OrtRunner  # int8 through the runner, so a CPU without VNNI gets exact kernels
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, {INPUT_NAME: images[i : i + batch]})[0] for i in range(0, len(images), batch)])
+    runner = OrtRunner(path, precision="int8", threads=threads)
+    try:
+        return np.concatenate([runner.run({INPUT_NAME: images[i : i + batch]})[OUTPUT_NAME]
+                               for i in range(0, len(images), batch)])
+    finally:
+        runner.close()
 
 
 def sensitivity_pass(

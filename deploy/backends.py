@@ -128,8 +128,9 @@ def _build(folder: Path, manifest: Manifest, backend: str, precision: str, onnx_
     if backend == "onnxruntime":
         return next(a for a in manifest.artifacts if a.backend == "onnxruntime" and a.precision == "fp32")
     if backend == "openvino":
-        from runtimes.ov import convert_to_ir
+        from runtimes.ov import convert_to_ir, require_inference_precision
 
+        require_inference_precision(precision)
         xml = folder / "openvino" / "model.xml"
         if not xml.exists():
             convert_to_ir(onnx_path, xml)

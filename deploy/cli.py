@@ -198,6 +198,7 @@ def cmd_export(args) -> int:
         calib_data=args.calib_data,
         calib_size=args.calib_size,
         calib_method=args.calib_method,
+        int8_cpu=args.int8_cpu,
         target_agreement=args.target_agreement,
         max_accuracy_drop=args.max_accuracy_drop / 100 if args.max_accuracy_drop is not None else None,
         validate=not args.no_validate,
@@ -206,8 +207,9 @@ def cmd_export(args) -> int:
     )
     if args.max_accuracy_drop is not None and not args.val_data:
         raise UsageError("--max-accuracy-drop needs labelled --val-data (class subfolders) to measure accuracy on.")
-    if (args.calib_data or args.target_agreement is not None or args.max_accuracy_drop is not None) and not args.int8:
-        raise UsageError("--calib-data, --target-agreement and --max-accuracy-drop apply to INT8: add --int8.")
+    if (args.calib_data or args.target_agreement is not None or args.max_accuracy_drop is not None
+            or args.int8_cpu != "auto") and not args.int8:
+        raise UsageError("--calib-data, --int8-cpu, --target-agreement and --max-accuracy-drop apply to INT8: add --int8.")
     result = run_export(req, log=_stderr(args))
     print(result.folder)
     return result.exit_code
@@ -307,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-size", type=_positive_int, default=512, help="calibration images (default 512, or all)")
     p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                    help="activation range calibration (default minmax)")
+    p.add_argument("--int8-cpu", choices=["auto", "any", "vnni"], default="auto",
+                   help="CPUs the OpenVINO INT8 weights must be exact on: 'any' (7-bit weights, no int8 overflow on "
+                   "any x86 CPU), 'vnni' (8-bit, exact only with VNNI/AMX: Ice Lake, Zen 4 and newer) or 'auto' "
+                   "(this machine's kind; default). ONNX Runtime picks exact kernels at load time by itself")
     p.add_argument("--target-agreement", type=_fraction, default=None,
                    help="keep the most sensitive blocks in float until INT8 agrees with eager on this fraction of top-1")
     p.add_argument("--max-accuracy-drop", type=_non_negative_float, default=None,

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from calibration.ort_int8 import METHODS, QuantSession, quantize_ort
+from calibration.ov_int8 import INT8_CPUS
 from calibration.policy import DEFAULT_POLICY, FloatPolicy
 from calibration.sensitivity import Target, sensitivity_pass
 from calibration.sources import ImageSet
@@ -48,12 +49,14 @@ QDQ_PRECISION = "int8-qdq"
 
 
 def _check_request(folder: Path, backends: list[str], calib: ImageSet, val: ImageSet | None, method: str,
-                   target_agreement: float | None, max_accuracy_drop: float | None) -> None:
+                   target_agreement: float | None, max_accuracy_drop: float | None, int8_cpu: str) -> None:
     unknown = [b for b in backends if b not in INT8_BACKENDS]
     if unknown:
         raise UsageError(f"INT8 backend(s) {', '.join(unknown)} unknown; choose from {', '.join(INT8_BACKENDS)}.")
     if not backends:
         raise UsageError("no INT8 backend requested; choose from " + ", ".join(INT8_BACKENDS) + ".")
+    if int8_cpu not in INT8_CPUS:
+        raise UsageError(f"--int8-cpu {int8_cpu!r} is not one of {', '.join(INT8_CPUS)}.")
     if method not in METHODS:
         raise UsageError(f"calibration method {method!r} is not one of {', '.join(METHODS)}.")
     if not (folder / "model.onnx").is_file():
@@ -111,6 +114,8 @@ def build_int8_artifacts(
     cache_dir: Path | None = None,
     threads: int | None = None,
     ov_model_type: str = "cnn",
+    int8_cpu: str = "auto",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Build the INT8 artifact of each backend into `folder`, append their manifest rows, return a report section.
 
@@ -118,10 +123,11 @@ def build_int8_artifacts(
     `target_agreement` and/or `max_accuracy_drop` (fractions; the drop needs labelled `val`) the sensitivity pass
     keeps the worst blocks in float for every backend. A backend that fails is recorded in `manifest.skipped`
     with its reason and the others are still built. `cache_dir` keeps calibration ranges across runs (keyed, a
-    stale one is never read); by default they live only for this call.
+    stale one is never read); by default they live only for this call. `int8_cpu` says which CPUs the OpenVINO
+    INT8 weights must be exact on (calibration.ov_int8); ONNX Runtime's runner picks exact kernels by itself.
     """
     folder = Path(folder)
-    _check_request(folder, backends, calib, val, method, target_agreement, max_accuracy_drop)
+    _check_request(folder, backends, calib, val, method, target_agreement, max_accuracy_drop, int8_cpu)
     onnx_path = folder / "model.onnx"
     report: dict[str, Any] = {"backends": list(backends), "artifacts": {}, "skipped": []}
     ref_calib = fp32_logits_fn(calib.images)
@@ -166,7 +172,7 @@ def build_int8_artifacts(
                 elif backend == "openvino":
                     report["artifacts"]["openvino/int8"] = _build_openvino(
                         folder, manifest, calib, val, policy, session, metadata, max_accuracy_drop, ov_model_type,
-                        ref_calib, ref_val, threads, force, log)
+                        int8_cpu, ref_calib, ref_val, threads, force, log, progress)
                 elif backend == "tensorrt":
                     report["artifacts"].update(_build_tensorrt(
                         folder, manifest, calib, val, policy, session, metadata, ref_calib, ref_val, threads, force, log))
@@ -207,23 +213,25 @@ def _slim(info: dict[str, Any]) -> dict[str, Any]:
 
 def _build_openvino(folder: Path, manifest: Manifest, calib: ImageSet, val: ImageSet | None, policy: FloatPolicy,
                     session: QuantSession, metadata: dict[str, str], max_drop: float | None, model_type: str,
-                    ref_calib: np.ndarray, ref_val: np.ndarray | None, threads: int | None, force: bool,
-                    log: Callable[[str], None]) -> dict[str, Any]:
+                    int8_cpu: str, ref_calib: np.ndarray, ref_val: np.ndarray | None, threads: int | None, force: bool,
+                    log: Callable[[str], None], progress: bool) -> dict[str, Any]:
     from calibration.ov_int8 import quantize_ov
 
     xml = folder / "openvino" / "model.xml"
     source = xml if xml.is_file() else folder / "model.onnx"
     info = quantize_ov(source, folder / "model.onnx", folder / OV_INT8, calib, policy=policy,
                        val=val if max_drop is not None else None, max_drop=max_drop,
-                       model_type=model_type, metadata=metadata, force=force, log=log)  # type: ignore[arg-type]
+                       model_type=model_type, int8_cpu=int8_cpu, metadata=metadata, force=force,  # type: ignore[arg-type]
+                       log=log, progress=progress)
     info["check"] = _evaluate("openvino", folder / OV_INT8, "int8", "int8", calib, ref_calib, val, ref_val, threads)
     bin_rel = OV_INT8[: -len(".xml")] + ".bin"
     row = {k: v for k, v in _row(info, session, policy).items() if k not in ("quantize_linear", "dequantize_linear")}
+    row["float_parts"] = list(info["policy"]["float_parts"])  # the shared policy plus OpenVINO's speed parts
     manifest.artifacts.append(Artifact.of(
         folder, OV_INT8, "openvino", "int8", weights=bin_rel,
         weights_sha256=Artifact.of(folder, bin_rel, "openvino", "int8").sha256, inference_precision="f32",
         role="INT8 for OpenVINO (NNCF FakeQuantize)", nncf_mode=info["mode"], fake_quantize=info["fake_quantize"],
-        **row))
+        int8_cpu=info["int8_cpu"], weights_exact_on=info["weights"], **row))
     if info["ignored_ops_reading_quantized_input"]:
         log(f"note: {len(info['ignored_ops_reading_quantized_input'])} float op(s) read a tensor NNCF quantized for "
             f"another consumer")

@@ -63,6 +63,7 @@ class ExportRequest:
     calib_data: str | None = None
     calib_size: int = CALIB_SIZE
     calib_method: str = "minmax"
+    int8_cpu: str = "auto"  # which CPUs the OpenVINO INT8 weights are exact on: auto, any, vnni
     target_agreement: float | None = None
     max_accuracy_drop: float | None = None  # fraction of top-1
     validate: bool = True
@@ -193,7 +194,7 @@ def _int8(req, folder: Path, manifest: Manifest, backends, unavailable, original
     section = build_int8_artifacts(
         folder, manifest, targets, calib, val, lambda x: eager_logits(original, x),
         method=req.calib_method, target_agreement=req.target_agreement, max_accuracy_drop=req.max_accuracy_drop,
-        log=log, threads=req.threads,
+        log=log, threads=req.threads, int8_cpu=req.int8_cpu, progress=not req.quiet,
     )
     section["calibrated_on_user_data"] = calib.user_data
     if not calib.user_data:

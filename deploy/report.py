@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from runtimes.cpu import cpuinfo, int8_dot_saturates
+
 # Instruction-set extensions that change what a CPU backend computes and how fast (x86, then ARM).
 ISA_FLAGS = {
     "flags": ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
@@ -16,23 +18,8 @@ ISA_FLAGS = {
 }
 
 
-def _cpuinfo(keys: tuple[str, ...]) -> dict[str, str]:
-    """The first value of each of these /proc/cpuinfo keys (empty where there is no such file)."""
-    found: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in keys and key not in found:
-                    found[key] = value.strip()
-    except OSError:
-        pass
-    return found
-
-
 def cpu_model() -> str:
-    return _cpuinfo(("model name",)).get("model name") or platform.processor() or platform.machine()
+    return cpuinfo(("model name",)).get("model name") or platform.processor() or platform.machine()
 
 
 def machine_fingerprint() -> dict[str, Any]:
@@ -41,7 +28,7 @@ def machine_fingerprint() -> dict[str, Any]:
 
     from export.manifest import tool_versions
 
-    info = _cpuinfo(tuple(ISA_FLAGS))
+    info = cpuinfo(tuple(ISA_FLAGS))
     isa: dict[str, bool] | str = "unknown (no /proc/cpuinfo)"
     for key, flags in ISA_FLAGS.items():
         if key in info:
@@ -53,6 +40,7 @@ def machine_fingerprint() -> dict[str, Any]:
     return {
         "cpu": cpu_model(),
         "isa": isa,
+        "int8_dot_saturates": int8_dot_saturates(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

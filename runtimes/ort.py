@@ -10,11 +10,15 @@ from partialnet.errors import UsageError
 
 from .artifacts import load_failure, require_file
 from .base import BackendUnavailable, TensorSpec, check_feeds
+from .cpu import int8_dot_saturates
 
 GraphOptimization = Literal["all", "extended", "basic", "disabled"]
 Device = Literal["cpu", "cuda"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
+INT8_PRECISIONS = ("int8", "int8-qdq")
+# ONNX Runtime's switch from U8S8 to U8U8 int8 kernels (kOrtSessionOptionsAvx2PrecisionMode); see runtimes.cpu.
+EXACT_INT8_KEY = "session.x64quantprecision"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_DTYPES = {
     "tensor(float)": "float32",
@@ -40,9 +44,15 @@ class OrtRunner:
         graph_optimization: GraphOptimization = "all",
         device: Device = "cpu",
         spinning: bool = True,
+        exact_int8: bool | None = None,
     ):
         """`spinning=False` stops idle worker threads from busy-waiting: needed when several runtimes share the
-        cores in one interleaved benchmark, where a spinning session steals time from the next one."""
+        cores in one interleaved benchmark, where a spinning session steals time from the next one.
+
+        `exact_int8` (default: on for an int8 file on an x86 CPU without VNNI) makes ONNX Runtime use its U8U8
+        kernels, which do not saturate, instead of U8S8 (runtimes.cpu). ONNX Runtime applies it only on x86; it
+        rewrites the int8 weights to uint8 when the session loads, so it costs a little speed and no accuracy.
+        """
         import onnxruntime as ort
 
         if precision not in PRECISIONS:
@@ -79,6 +89,10 @@ class OrtRunner:
             so.inter_op_num_threads = 1
         if not spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if exact_int8 is None:
+            exact_int8 = precision in INT8_PRECISIONS and device == "cpu" and int8_dot_saturates()
+        if exact_int8:
+            so.add_session_config_entry(EXACT_INT8_KEY, "1")
         so.log_severity_level = 3  # errors only: warnings go to stderr unasked and say nothing actionable here
         try:
             self._session = ort.InferenceSession(str(self.path), sess_options=so, providers=[provider])
@@ -103,6 +117,7 @@ class OrtRunner:
             "graph_optimization": graph_optimization,
             "providers": active,
             "spinning": spinning,
+            "exact_int8": exact_int8,
         }
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ from partialnet.errors import DeployError, UsageError
 
 from .artifacts import load_failure, one_line, require_file
 from .base import BackendUnavailable, TensorSpec, check_feeds
+from .cpu import int8_dot_saturates
 
 InferencePrecision = Literal["f32", "bf16", "f16"]
 
@@ -25,6 +26,9 @@ PRECISIONS = ("fp32", "bf16", "int8")
 # the hint decides the rest of the graph, which must stay f32 so only the quantization error shows up.
 DEFAULT_INFERENCE_PRECISION: dict[str, InferencePrecision] = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 METADATA_RT_KEY = "partialnet"
+# rt_info key of an INT8 IR saying which CPUs its weights are exact on: "any" (7-bit weights: no int8 dot product
+# saturates) or "vnni" (full 8-bit weights: exact only with VNNI or AMX). See runtimes.cpu.
+INT8_CPU_KEY = "partialnet.int8_cpu"
 
 
 def convert_to_ir(onnx_path: str | Path, xml_dest: str | Path, *, force: bool = False) -> Path:
@@ -49,6 +53,24 @@ def convert_to_ir(onnx_path: str | Path, xml_dest: str | Path, *, force: bool = 
         model.set_rt_info(value, [METADATA_RT_KEY, key])
     save_ir(model, xml_dest, force=force)
     return xml_dest
+
+
+def require_inference_precision(precision: str, device: str = "CPU") -> None:
+    """Raise BackendUnavailable unless OpenVINO can compute in `precision` (an artifact precision) on `device`."""
+    import openvino as ov
+
+    wanted = DEFAULT_INFERENCE_PRECISION.get(precision, precision)
+    if wanted == "f32":
+        return
+    core = ov.Core()
+    if device not in core.available_devices:
+        raise BackendUnavailable(f"OpenVINO {ov.__version__} has no device {device!r} here.")
+    caps = [str(c) for c in core.get_property(device, "OPTIMIZATION_CAPABILITIES")]
+    if wanted.upper() not in (c.upper() for c in caps):
+        raise BackendUnavailable(
+            f"OpenVINO on {device} here cannot compute in {wanted} (its capabilities: {', '.join(caps)}); "
+            f"build the {precision} row on a CPU with {wanted} support (e.g. AVX512_BF16 or AMX)."
+        )
 
 
 def check_ir_destination(xml_dest: Path, force: bool) -> None:
@@ -124,6 +146,13 @@ class OpenVINORunner:
         except Exception as e:
             raise load_failure(self.path, "OpenVINO", e) from e
         _make_batch_dynamic(model, ov)
+        int8_cpu = _rt_info(model, INT8_CPU_KEY)
+        if device == "CPU" and int8_cpu == "vnni" and int8_dot_saturates():
+            raise BackendUnavailable(
+                f"{self.path} is an INT8 IR with full-range 8-bit weights, exact only on CPUs with VNNI or AMX; this "
+                f"CPU has neither, so its int8 dot products would saturate and the results drift far from FP32. "
+                f"Re-export the INT8 artifacts with --int8-cpu any (or on this machine)."
+            )
 
         config: dict[str, Any] = {ov.properties.hint.inference_precision: getattr(ov.Type, wanted)}
         if threads is not None:
@@ -160,6 +189,7 @@ class OpenVINORunner:
             "threads": int(self._compiled.get_property(ov.properties.inference_num_threads)),
             "inference_precision": in_effect,
             "cache_dir": str(cache_dir) if cache_dir is not None else None,
+            "int8_cpu": int8_cpu,
         }
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -182,6 +212,12 @@ def _make_batch_dynamic(model: Any, ov: Any) -> None:
             new_shapes[port.get_any_name()] = ov.PartialShape(dims)
     if new_shapes:
         model.reshape(new_shapes)
+
+
+def _rt_info(model: Any, key: str) -> str | None:
+    """A string the export stamped into the IR's rt_info under "partialnet", or None."""
+    path = [METADATA_RT_KEY, key]
+    return str(model.get_rt_info(path).astype(str)) if model.has_rt_info(path) else None
 
 
 def _type_name(element_type: Any) -> str:

@@ -32,6 +32,8 @@ from partialnet import build_model
 from partialnet.errors import UsageError
 from partialnet.variants import Preprocess
 from runtimes.base import BackendUnavailable
+from runtimes.cpu import int8_dot_saturates
+from runtimes.ort import OrtRunner
 
 SIZE = 64
 CLASSES = 10
@@ -116,9 +118,10 @@ def ov_int8(folder, calib, tmp_path_factory):
     return dest, info
 
 
-def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"input": x})[0]
+def ort_logits(path: Path, x: np.ndarray, **options) -> np.ndarray:
+    """INT8 logits the way users get them: through the runner, which picks exact kernels on a CPU without VNNI."""
+    runner = OrtRunner(path, precision="int8", **options)
+    return runner.run({"input": x})["logits"]
 
 
 def agreement(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
@@ -154,6 +157,9 @@ def test_parts_match_the_deploy_graph(graph, folder):
     assert ops["srm_stats"]["Conv"] == 11 and ops["srm_stats"]["ReduceMean"] == 22  # 11 PAT_ch blocks
     assert ops["srm_stats"]["Clip"] == 11 and "Split" not in ops["srm_stats"]
     assert ops["sp_gate"] == {"Clip": 13, "Mul": 13, "Add": 13}  # PAT_sp in all 13 blocks
+    assert ops["sp_tail"] == {"Split": 13, "Clip": 13, "Mul": 13, "Add": 13, "Concat": 13}
+    tail_splits = [graph.by_name[n] for n in graph.part_nodes("sp_tail") if graph.by_name[n].op_type == "Split"]
+    assert all("/mlp/" in n.name and graph.producers_of(n)[0].op_type == "Conv" for n in tail_splits)
     split = onnx.load(str(graph_path))
     split_gate_rows(split)
     gate = Counter(OnnxGraph(split).by_name[n].op_type for n in OnnxGraph(split).part_nodes("sp_gate"))
@@ -276,6 +282,26 @@ def test_ort_int8_structure(ort_int8):
 def test_ort_int8_agrees_with_fp32(ort_int8, calib, ref):
     top1, cos = agreement(ref, ort_logits(ort_int8[0], calib.images))
     assert top1 >= MIN_AGREEMENT and cos >= MIN_COSINE
+
+
+def test_ort_runner_takes_exact_int8_kernels_where_u8s8_saturates(ort_int8, calib, ref):
+    """On an x86 CPU without VNNI the runner turns on ONNX Runtime's U8U8 kernels by itself; forced on anywhere,
+    they give the same numbers as the simulated quantization (no graph optimization: float Q/DQ arithmetic)."""
+    path = ort_int8[0]
+    assert OrtRunner(path, precision="int8").options["exact_int8"] == int8_dot_saturates()
+    assert OrtRunner(path, precision="fp32").options["exact_int8"] is False  # nothing to saturate in a float graph
+    simulated = ort_logits(path, calib.images, graph_optimization="disabled")
+    exact = ort_logits(path, calib.images, exact_int8=True)
+    scale = np.abs(simulated).max()
+    assert np.abs(exact - simulated).max() <= 0.02 * scale  # requantization rounding only, no saturation
+    assert agreement(ref, exact)[1] >= MIN_COSINE
+
+
+@pytest.mark.parametrize("flags, saturates", [
+    ({"avx2", "fma"}, True), ({"avx2", "avx512f"}, True), ({"avx2", "avx512_vnni"}, False),
+    ({"avx2", "avx_vnni"}, False), ({"avx2", "amx_int8"}, False)])
+def test_which_x86_cpus_saturate_int8_dot_products(flags, saturates):
+    assert int8_dot_saturates(frozenset(flags)) is saturates
 
 
 def test_ort_int8_refuses_to_overwrite_and_checks_inputs(ort_int8, folder, calib, pp, session):
@@ -423,10 +449,51 @@ def test_nncf_ir_is_quantized_and_respects_the_scope(ov_int8, calib, ref):
     quantized = [n for n in convs if n not in set(block) | set(srm) | set(head_conv)]
     assert len(quantized) == 40 and all(quantized_source(by_name[n].input_value(0).get_node()) for n in quantized)
     assert info["ignored_ops_reading_quantized_input"] == []
+    # OpenVINO's speed part: the PAT_sp tail (Split, gating Mul, Concat) reads the fp32 conv output, no FakeQuantize
+    tails = [n for n, o in by_name.items() if o.get_type_name() == "Concat" and n.endswith("/mlp/Concat")]
+    assert len(tails) == 13 and not set(tails) & fq_fed and "sp_tail" in info["policy"]["float_parts"]
     assert q.get_rt_info(["partialnet", "partialnet.precision"]).astype(str) == "int8"
     compiled = ov.Core().compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     top1, cos = agreement(ref, compiled(calib.images)[compiled.outputs[0]])
     assert top1 >= MIN_AGREEMENT and cos >= MIN_COSINE
+
+
+def int8_weight_range(model) -> tuple[int, int]:
+    """Smallest and largest stored int8 weight of an NNCF-compressed IR."""
+    values = [o.get_data() for o in model.get_ordered_ops()
+              if o.get_type_name() == "Constant" and o.get_element_type().get_type_name() == "i8"]
+    assert values, "no int8 weight constants"
+    return min(int(v.min()) for v in values), max(int(v.max()) for v in values)
+
+
+def test_openvino_int8_weights_are_exact_on_the_cpus_they_are_stamped_for(ov_int8, folder, calib, tmp_path):
+    """'auto' picks this machine's kind; 'any' keeps every u8 x s8 pair sum within int16 (weights within
+    [-64, 64]: 2 x 255 x 64 = 32640); a full-range ('vnni') IR is refused by the runner on a CPU that would saturate."""
+    import openvino as ov
+
+    from calibration.ov_int8 import quantize_ov
+    from runtimes.ov import OpenVINORunner
+
+    path, info = ov_int8
+    expected = "any" if int8_dot_saturates() else "vnni"
+    assert info["int8_cpu"] == expected
+    assert ov.Core().read_model(str(path)).get_rt_info(["partialnet", "partialnet.int8_cpu"]).astype(str) == expected
+    other = "vnni" if expected == "any" else "any"
+    dest = tmp_path / "other.int8.xml"
+    quantize_ov(folder / "openvino" / "model.xml", folder / "model.onnx", dest, calib, int8_cpu=other)
+    by_cpu = {expected: int8_weight_range(ov.Core().read_model(str(path))),
+              other: int8_weight_range(ov.Core().read_model(str(dest)))}
+    assert -64 <= by_cpu["any"][0] and by_cpu["any"][1] <= 64
+    assert max(-by_cpu["vnni"][0], by_cpu["vnni"][1]) >= 127
+    vnni_ir = path if expected == "vnni" else dest
+    if int8_dot_saturates():
+        with pytest.raises(BackendUnavailable, match=r"exact only on CPUs with VNNI or AMX.*--int8-cpu any"):
+            OpenVINORunner(vnni_ir, precision="int8")
+    else:
+        assert OpenVINORunner(vnni_ir, precision="int8").options["int8_cpu"] == "vnni"
+    with pytest.raises(UsageError, match=r"int8_cpu 'arm' is not one of auto, any, vnni"):
+        quantize_ov(folder / "openvino" / "model.xml", folder / "model.onnx", tmp_path / "x.xml", calib,
+                    int8_cpu="arm")  # type: ignore[arg-type]
 
 
 def test_nncf_refuses_to_overwrite(ov_int8, folder, calib):

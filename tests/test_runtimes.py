@@ -128,7 +128,7 @@ def test_fp32_matches_eager(runners, images, reference, backend, batch):
 def test_onnxruntime_records_options(onnx_path):
     runner = OrtRunner(onnx_path, threads=1, graph_optimization="basic")
     assert runner.options == {"threads": 1, "graph_optimization": "basic", "providers": ["CPUExecutionProvider"],
-                              "spinning": True}
+                              "spinning": True, "exact_int8": False}
 
 
 def test_openvino_fp32_runs_in_f32(runners):

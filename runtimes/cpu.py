@@ -1,0 +1,55 @@
+"""What this CPU offers that changes how a CPU backend computes: /proc/cpuinfo flags, and whether int8 dot products
+saturate here.
+
+x86 CPUs without VNNI (or AMX) multiply uint8 activations by int8 weights with VPMADDUBSW, which adds each pair of
+neighbouring products in *saturating* 16-bit arithmetic: 2 x 255 x 127 = 64770 is clamped to 32767. ONNX Runtime's
+and OpenVINO's default int8 kernels both take that path on such CPUs. The error is not rounding noise: on a
+freshly built T0 at 224 px (AMD EPYC Zen 2, AVX2, no VNNI) ONNX Runtime INT8 agreed with FP32 on 56% of the
+embedded images and OpenVINO INT8 on 78%; on the digits fixture ONNX Runtime INT8 fell from 99.1% to 79.3% top-1.
+VNNI's VPDPBUSD accumulates in 32 bits and AMX likewise, so those CPUs are exact.
+"""
+from __future__ import annotations
+
+import platform
+from functools import lru_cache
+
+# Extensions that add int8 dot products accumulating in 32 bits (no 16-bit intermediate).
+EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpuinfo(keys: tuple[str, ...]) -> dict[str, str]:
+    """The first value of each of these /proc/cpuinfo keys (empty where there is no such file)."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in keys and key not in found:
+                    found[key] = value.strip()
+    except OSError:
+        pass
+    return found
+
+
+@lru_cache(maxsize=1)
+def x86_flags() -> frozenset[str] | None:
+    """The x86 feature flags of this CPU, or None when this is not an x86 CPU or they cannot be read."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return None
+    flags = cpuinfo(("flags",)).get("flags")
+    return frozenset(flags.split()) if flags else None
+
+
+def int8_dot_saturates(flags: frozenset[str] | None = None) -> bool:
+    """True on an x86 CPU whose int8 kernels add u8 x s8 products in saturating 16-bit arithmetic (no VNNI/AMX).
+
+    Unknown flags (no /proc/cpuinfo on x86) count as saturating: assuming an exact CPU is the unsafe guess.
+    """
+    if flags is None:
+        if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+            return False  # ARM's SDOT/UDOT and other ISAs accumulate in 32 bits
+        flags = x86_flags()
+        if flags is None:
+            return True
+    return not any(f in flags for f in EXACT_INT8_FLAGS)
