@@ -20,7 +20,7 @@ from partialnet.files import atomic_write_json, atomic_write_text
 from partialnet.variants import Preprocess
 from runtimes.base import INPUT_NAME
 
-from .drift import Drift
+from .drift import Drift, disagreement_note
 from .predict import run_batched
 from .report import Report
 from .report import isa_summary, machine_fingerprint
@@ -276,6 +276,9 @@ def bench_rows(runners: Sequence[Opened], batch_sizes: Sequence[int], latencies:
                 "speedup_vs_eager": eager_p50 / lat.p50_ms,
                 "top1_agreement": agreement[o.key].top1_agreement,
                 "max_abs_logit_error": agreement[o.key].max_abs_logit_error,
+                "agreement_samples": agreement[o.key].samples,
+                "ref_margin_median": agreement[o.key].ref_margin_median,
+                "flipped_margin_max": agreement[o.key].flipped_margin_max,
                 "runner": o.runner.name, "threads": threads[o.key],
                 "path": o.artifact.path if o.artifact else None,
             })
@@ -301,8 +304,23 @@ def format_bench(doc: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(BENCH_HEAD))]
     lines = [f"{doc['export']['variant']} at {doc['export']['input_size']} px on {doc['environment']['cpu']}"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += _disagreements(doc["rows"])
     lines += [f"skipped {s['backend']}/{s['precision']}: {s['reason']}" for s in doc["skipped"]]
     return "\n".join(lines)
+
+
+def _disagreements(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One note per artifact whose top-1 differed from eager on the agreement images (once, not per batch size)."""
+    seen, out = set(), []
+    for r in rows:
+        key = (r["backend"], r["precision"])
+        if r["backend"] == "eager" or key in seen:
+            continue
+        seen.add(key)
+        note = disagreement_note(f"{r['backend']} {r['precision']}", {**r, "samples": r["agreement_samples"]})
+        if note:
+            out.append(note)
+    return out
 
 
 def bench_markdown(doc: dict[str, Any]) -> str:
@@ -319,6 +337,7 @@ def bench_markdown(doc: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in doc["rows"]]
     lines += ["", f"Top-1 agreement with eager on the {doc['agreement_set']['source']}: agreement, not accuracy on "
               f"labelled data (`deploy validate --data DIR` measures that).", "",
+              *(f"- {n}" for n in _disagreements(doc["rows"])), *([""] if _disagreements(doc["rows"]) else []),
               "![p50 latency against top-1 agreement](bench.png)", ""]
     if doc["skipped"]:
         lines += ["## Skipped", "", *(f"- {x['backend']}/{x['precision']}: {x['reason']}" for x in doc["skipped"]), ""]

@@ -25,6 +25,12 @@ class Drift:
     top1_agreement: float
     top5_overlap: float  # mean |top5(ref) & top5(cand)| / 5
     mean_kl: float  # KL(softmax(ref) || softmax(cand)), mean over samples
+    # How decided the reference's top-1 is (largest minus second-largest logit): the median over the samples, and
+    # the largest margin among the samples whose top-1 changed (0 when none did). Disagreements only at margins far
+    # below the median are near-ties resolved the other way (untrained weights make many); one at a typical margin
+    # is a real error.
+    ref_margin_median: float = 0.0
+    flipped_margin_max: float = 0.0
 
     @classmethod
     def between(cls, reference: np.ndarray, candidate: np.ndarray) -> "Drift":
@@ -40,6 +46,12 @@ class Drift:
         top_r = np.argsort(-ref, axis=1, kind="stable")[:, :k]
         top_c = np.argsort(-cand, axis=1, kind="stable")[:, :k]
         overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top_r.tolist(), top_c.tolist())])
+        flipped = top_r[:, 0] != top_c[:, 0]
+        if ref.shape[1] > 1:
+            two = np.sort(ref, axis=1)[:, -2:]
+            margins = two[:, 1] - two[:, 0]
+        else:
+            margins = np.zeros(ref.shape[0])
         lp_r, lp_c = _log_softmax(ref), _log_softmax(cand)
         kl = (np.exp(lp_r) * (lp_r - lp_c)).sum(axis=1)
         return cls(
@@ -48,13 +60,26 @@ class Drift:
             mean_abs_logit_error=float(diff.mean()),
             max_ref_logit=float(np.abs(ref).max()),
             cosine_similarity=float(cos.mean()),
-            top1_agreement=float((top_r[:, 0] == top_c[:, 0]).mean()),
+            top1_agreement=float(1.0 - flipped.mean()),
             top5_overlap=float(overlap),
             mean_kl=float(max(kl.mean(), 0.0)),
+            ref_margin_median=float(np.median(margins)),
+            flipped_margin_max=float(margins[flipped].max()) if flipped.any() else 0.0,
         )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def disagreement_note(name: str, row: dict) -> str | None:
+    """One line saying how decided the images were on which `name` changed the reference's top-1 (None when none
+    did); `row` holds a Drift's fields."""
+    flips = round((1.0 - row["top1_agreement"]) * row["samples"])
+    if flips == 0:
+        return None
+    return (f"{name}: top-1 changed on {flips} of {row['samples']} images, whose eager top-1 margin is at most "
+            f"{row['flipped_margin_max']:.3g} logits (median margin on this set {row['ref_margin_median']:.3g}, "
+            f"mean |logit error| {row['mean_abs_logit_error']:.3g})")
 
 
 @dataclass(frozen=True)
