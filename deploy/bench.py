@@ -276,6 +276,7 @@ def bench_rows(runners: Sequence[Opened], batch_sizes: Sequence[int], latencies:
                 "speedup_vs_eager": eager_p50 / lat.p50_ms,
                 "top1_agreement": agreement[o.key].top1_agreement,
                 "max_abs_logit_error": agreement[o.key].max_abs_logit_error,
+                "mean_abs_logit_error": agreement[o.key].mean_abs_logit_error,
                 "agreement_samples": agreement[o.key].samples,
                 "ref_margin_median": agreement[o.key].ref_margin_median,
                 "flipped_margin_max": agreement[o.key].flipped_margin_max,

@@ -32,10 +32,14 @@ def cpuinfo(keys: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
 @lru_cache(maxsize=1)
 def x86_flags() -> frozenset[str] | None:
     """The x86 feature flags of this CPU, or None when this is not an x86 CPU or they cannot be read."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+    if not is_x86():
         return None
     flags = cpuinfo(("flags",)).get("flags")
     return frozenset(flags.split()) if flags else None
@@ -47,7 +51,7 @@ def int8_dot_saturates(flags: frozenset[str] | None = None) -> bool:
     Unknown flags (no /proc/cpuinfo on x86) count as saturating: assuming an exact CPU is the unsafe guess.
     """
     if flags is None:
-        if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        if not is_x86():
             return False  # ARM's SDOT/UDOT and other ISAs accumulate in 32 bits
         flags = x86_flags()
         if flags is None:

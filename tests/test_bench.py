@@ -85,6 +85,37 @@ def test_files_png_markdown_and_json(bench, folder):
     assert f"wrote {folder / 'bench.json'}" in err
 
 
+def test_a_changed_prediction_is_reported_with_its_margin(folder, capsys, monkeypatch):
+    """An artifact that swaps eager's top two classes on every image: agreement 0, and a note per artifact (not per
+    batch size) giving the largest eager margin among the changed images."""
+    import numpy as np
+
+    from runtimes.ov import OpenVINORunner
+
+    original = OpenVINORunner.run
+
+    def swap_top_two(self, feeds):
+        out = {}
+        for k, v in original(self, feeds).items():
+            v = v.copy()
+            order = np.argsort(-v, axis=1)
+            rows = np.arange(len(v))
+            v[rows, order[:, 0]], v[rows, order[:, 1]] = v[rows, order[:, 1]], v[rows, order[:, 0]].copy()
+            out[k] = v
+        return out
+
+    monkeypatch.setattr(OpenVINORunner, "run", swap_top_two)
+    rc = main(["bench", str(folder), "--batch-sizes", "1,2", "--warmup-s", "0.02", "--duration-s", "0.05",
+               "--backends", "openvino", "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    notes = [ln for ln in out.splitlines() if ln.startswith("openvino fp32: top-1 changed on 16 of 16 images")]
+    assert len(notes) == 1 and "whose eager top-1 margin is at most" in notes[0]
+    doc = json.loads((folder / "bench.json").read_text())
+    [row] = [r for r in doc["rows"] if r["backend"] == "openvino" and r["batch_size"] == 1]
+    assert row["top1_agreement"] == 0.0 and 0 < row["flipped_margin_max"] and row["ref_margin_median"] > 0
+
+
 def test_runs_are_interleaved_in_slices_and_warmup_is_discarded():
     now = [0.0]
     order: list[str] = []
