@@ -33,7 +33,6 @@ import logging
 import os
 import sys
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
@@ -43,7 +42,7 @@ import onnx
 from partialnet.errors import UsageError
 
 from runtimes.cpu import int8_dot_saturates
-from runtimes.ov import INT8_CPU_KEY, check_ir_destination, save_ir
+from runtimes.ov import INT8_CPU_KEY, METADATA_RT_KEY, check_ir_destination, save_ir
 
 from .ort_int8 import QuantizationError, check_calibration_set, model_input_size
 from .policy import DEFAULT_POLICY, FloatPolicy, OnnxGraph
@@ -61,8 +60,6 @@ INT8_CPUS: tuple[str, ...] = ("auto", "any", "vnni")
 OV_SPEED_PARTS: dict[str, str] = {
     "sp_tail": "OpenVINO speed: T0 INT8 8% faster with the PAT_sp tail in float, same error (calibration.ov_int8)",
 }
-METADATA_RT_KEY = "partialnet"
-
 
 WEIGHTS_FOR = {
     "any": "7-bit int8 weights (NNCF overflow fix in every layer): exact on every x86 CPU",
@@ -72,6 +69,8 @@ WEIGHTS_FOR = {
 
 def resolve_int8_cpu(int8_cpu: str) -> str:
     """"any" or "vnni": what "auto" means on this machine (exact weights for the CPU the export runs on)."""
+    if int8_cpu not in INT8_CPUS:
+        raise UsageError(f"int8_cpu {int8_cpu!r} is not one of {', '.join(INT8_CPUS)}.")
     if int8_cpu == "auto":
         return "any" if int8_dot_saturates() else "vnni"
     return int8_cpu
@@ -162,8 +161,6 @@ def quantize_ov(
             raise UsageError(f"{what} {p} does not exist; run 'deploy export' first.")
     if model_type not in ("transformer", "cnn"):
         raise UsageError(f"model_type {model_type!r} is not 'transformer' or 'cnn'.")
-    if int8_cpu not in INT8_CPUS:
-        raise UsageError(f"int8_cpu {int8_cpu!r} is not one of {', '.join(INT8_CPUS)}.")
     weights_for = resolve_int8_cpu(int8_cpu)
     accuracy_control = max_drop is not None
     if accuracy_control:
@@ -178,8 +175,7 @@ def quantize_ov(
         check_calibration_set(val, size)
 
     model = _read(source)
-    policy = policy.with_parts(OV_SPEED_PARTS)
-    policy = replace(policy, reasons={**policy.reasons, **OV_SPEED_PARTS})
+    policy = policy.with_parts(OV_SPEED_PARTS, reasons=OV_SPEED_PARTS)
     ignored = policy.ov_ignored_names(model, graph)
     scope = nncf.IgnoredScope(names=ignored, validate=True)
     kwargs: dict[str, Any] = {

@@ -313,9 +313,10 @@ class FloatPolicy:
         merged = tuple(dict.fromkeys([*self.units, *units]))
         return replace(self, units=merged, reasons={**self.reasons, **(reasons or {})}, name=name or self.name)
 
-    def with_parts(self, parts: Iterable[str], name: str | None = None) -> "FloatPolicy":
+    def with_parts(self, parts: Iterable[str], reasons: Mapping[str, str] | None = None, name: str | None = None) -> "FloatPolicy":
+        """This policy with more parts kept in float."""
         merged = tuple(dict.fromkeys([*self.parts, *parts]))
-        return replace(self, parts=merged, name=name or self.name)
+        return replace(self, parts=merged, reasons={**self.reasons, **(reasons or {})}, name=name or self.name)
 
     def onnx_nodes_to_exclude(self, model: onnx.ModelProto | OnnxGraph) -> list[str]:
         """ONNX node names to keep in float (onnxruntime.quantization's nodes_to_exclude), in graph order."""

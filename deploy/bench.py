@@ -20,7 +20,7 @@ from partialnet.files import atomic_write_json, atomic_write_text
 from partialnet.variants import Preprocess
 from runtimes.base import INPUT_NAME
 
-from .drift import Drift, disagreement_note
+from .drift import Drift, disagreement_notes
 from .predict import run_batched
 from .report import Report
 from .report import isa_summary, machine_fingerprint
@@ -311,22 +311,13 @@ def format_bench(doc: dict[str, Any]) -> str:
 
 
 def _disagreements(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """One note per artifact whose top-1 differed from eager on the agreement images (once, not per batch size)."""
-    seen, out = set(), []
-    for r in rows:
-        key = (r["backend"], r["precision"])
-        if r["backend"] == "eager" or key in seen:
-            continue
-        seen.add(key)
-        note = disagreement_note(f"{r['backend']} {r['precision']}", {**r, "samples": r["agreement_samples"]})
-        if note:
-            out.append(note)
-    return out
+    return disagreement_notes(rows, samples_key="agreement_samples")
 
 
 def bench_markdown(doc: dict[str, Any]) -> str:
     """bench.md: the table, how it was measured, the plot, and the machine."""
     s, env = doc["settings"], doc["environment"]
+    notes = _disagreements(doc["rows"])
     ex = doc["export"]
     lines = [f"# {doc['title']}", "", f"Created {doc['created']}. `{ex['folder']}`: {ex['variant']} "
              f"at {ex['input_size']} px.", "",
@@ -338,7 +329,7 @@ def bench_markdown(doc: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in doc["rows"]]
     lines += ["", f"Top-1 agreement with eager on the {doc['agreement_set']['source']}: agreement, not accuracy on "
               f"labelled data (`deploy validate --data DIR` measures that).", "",
-              *(f"- {n}" for n in _disagreements(doc["rows"])), *([""] if _disagreements(doc["rows"]) else []),
+              *(f"- {n}" for n in notes), *([""] if notes else []),
               "![p50 latency against top-1 agreement](bench.png)", ""]
     if doc["skipped"]:
         lines += ["## Skipped", "", *(f"- {x['backend']}/{x['precision']}: {x['reason']}" for x in doc["skipped"]), ""]

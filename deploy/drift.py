@@ -5,6 +5,7 @@ Measurement and judgement are separate: `Drift.between` produces plain numbers, 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Iterable
 
 import numpy as np
 
@@ -69,6 +70,22 @@ class Drift:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def disagreement_notes(rows: Iterable[dict], samples_key: str = "samples") -> list[str]:
+    """The disagreement note of each non-eager (backend, precision) among `rows` (report rows holding a Drift's
+    fields), once per pair even when rows repeat it per batch size."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for r in rows:
+        key = (r["backend"], r["precision"])
+        if r["backend"] == "eager" or key in seen:
+            continue
+        seen.add(key)
+        note = disagreement_note(f"{r['backend']} {r['precision']}", {**r, "samples": r[samples_key]})
+        if note:
+            out.append(note)
+    return out
 
 
 def disagreement_note(name: str, row: dict) -> str | None:

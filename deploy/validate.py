@@ -21,7 +21,7 @@ from partialnet.variants import Preprocess
 from runtimes.base import BackendUnavailable, Runner
 from runtimes.factory import BACKENDS
 
-from .drift import TOLERANCES, Drift, disagreement_note
+from .drift import TOLERANCES, Drift, disagreement_notes
 from .predict import run_batched
 from .report import Report, isa_summary, machine_fingerprint
 
@@ -492,11 +492,6 @@ def _steps(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(kind, s) for kind in ("export", "runtime", "reduced_precision", "quantization") for s in dec[kind]]
 
 
-def _disagreements(rows: list[dict[str, Any]]) -> list[str]:
-    notes = (disagreement_note(f"{r['backend']} {r['precision']}", r) for r in rows if r["backend"] != "eager")
-    return [n for n in notes if n]
-
-
 def format_validation(doc: dict[str, Any]) -> str:
     """The readable summary printed on stdout without --json."""
     head, body = _table(doc)
@@ -511,7 +506,7 @@ def format_validation(doc: dict[str, Any]) -> str:
                          f"{s['max_abs_logit_error']:.3g}, {s['top1_agreement']:.4f}")
     for note in doc["decomposition"]["notes"]:
         lines.append(f"  note: {note}")
-    lines += [f"  {n}" for n in _disagreements(doc["artifacts"])]
+    lines += [f"  {n}" for n in disagreement_notes(doc["artifacts"])]
     for s in doc["skipped"]:
         lines.append(f"skipped {s['backend']}/{s['precision']}: {s['reason']}")
     lines.append("")
@@ -534,7 +529,8 @@ def validation_markdown(doc: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in body]
     lines += ["", f"Eager fp32-vs-float64 noise floor: {doc['settings']['noise_floor']:.3g} "
               f"(max abs logit difference).", ""]
-    lines += [f"- {n}" for n in _disagreements(doc["artifacts"])] + ([""] if _disagreements(doc["artifacts"]) else [])
+    notes = disagreement_notes(doc["artifacts"])
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += ["## Drift decomposition", "",
               "Each step is a distance between two sets of logits on the same images; steps do not add up.", ""]
     if _steps(doc):
