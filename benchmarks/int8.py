@@ -17,7 +17,6 @@ Markdown goes to stdout, progress to stderr. Example (T0, 224 px, embedded image
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import platform
 import statistics
@@ -32,20 +31,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration.ort_int8 import QuantSession, quantize_ort  # noqa: E402
-from calibration.ov_int8 import quantize_ov  # noqa: E402
+from calibration.ov_int8 import OvQuantization, quantize_ov  # noqa: E402
 from calibration.policy import DEFAULT_POLICY, NO_EXCLUSIONS, PARTS, FloatPolicy  # noqa: E402
 from calibration.sources import ImageSet, default_images, load_images  # noqa: E402
 from export.manifest import Manifest  # noqa: E402
 from partialnet.variants import Preprocess  # noqa: E402
 from runtimes.base import INPUT_NAME, OUTPUT_NAME  # noqa: E402
+from runtimes.compare import Drift  # noqa: E402
 from runtimes.ort import OrtRunner  # noqa: E402
 from runtimes.ov import OpenVINORunner  # noqa: E402
 
 
 # Idle onnxruntime workers busy-wait by default and would steal the cores from the next model of an interleaved
-# round; unless --ort-spinning, every onnxruntime session here is made without spinning (where the runner has the
-# switch). Spinning is what a lone onnxruntime process does, and it lowers per-op overhead.
-HAS_SPIN_SWITCH = "spinning" in inspect.signature(OrtRunner).parameters
+# round; unless --ort-spinning, every onnxruntime session here is made without spinning. Spinning is what a lone
+# onnxruntime process does, and it lowers per-op overhead.
 ORT_OPTIONS: dict = {}
 
 
@@ -74,12 +73,8 @@ def logits_of(runner, x: np.ndarray, batch: int = 16) -> np.ndarray:
 
 
 def drift(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
-    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
-    out = {
-        "agree": float((ref.argmax(1) == got.argmax(1)).mean()),
-        "cos": float(cos.mean()),
-        "max_abs": float(np.abs(ref - got).max()),
-    }
+    d = Drift.between(ref, got)
+    out = {"agree": d.top1_agreement, "cos": d.cosine_similarity, "max_abs": d.max_abs_logit_error}
     if labels is not None:
         out["top1"] = float((got.argmax(1) == labels).mean())
     return out
@@ -123,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--ort-spinning", action="store_true", help="leave onnxruntime's busy-waiting workers on")
     args = ap.parse_args(argv)
-    if HAS_SPIN_SWITCH and not args.ort_spinning:
+    if not args.ort_spinning:
         ORT_OPTIONS["spinning"] = False
 
     manifest = Manifest.load(args.export)
@@ -158,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             for model_type in (ov_types if "openvino" in backends else []):
                 label = "openvino" if len(ov_types) == 1 else f"openvino-{model_type}"
                 dest = tmp / f"{pol.name}.{model_type}.int8.xml"
-                info = quantize_ov(xml, onnx_path, dest, calib, policy=pol, model_type=model_type, force=True)
+                info = quantize_ov(xml, onnx_path, dest, calib, OvQuantization(policy=pol, model_type=model_type),
+                                   force=True)
                 row[f"{label}_fq"] = info["fake_quantize"]
                 runners[(label, pol.name)] = OpenVINORunner(dest, precision="int8", threads=args.threads)
                 row[label] = drift(ref["openvino"], logits_of(runners[(label, pol.name)], held.images), held.labels)

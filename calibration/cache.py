@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from partialnet.checkpoint import file_sha256
+from partialnet.files import file_sha256
 from partialnet.files import atomic_write_bytes
 
 from .sources import ImageSet

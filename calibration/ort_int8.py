@@ -6,15 +6,10 @@ keyed cache) and then quantizes with any node exclusions, which is what the sens
 builds the CPU artifact, `calibration.qdq.build_qdq` the symmetric explicit-Q/DQ ONNX for TensorRT, both from the
 same ranges and the same policy.
 
-The CPU scheme was chosen by measurement on an AVX-512 VNNI CPU (benchmarks/int8.py, per-node profiles):
-* uint8 asymmetric activations x int8 symmetric per-channel weights: U8S8 is the VNNI kernel; with int8
-  activations onnxruntime left a third of the convs unfused (float Conv behind DequantizeLinear);
-* only Conv, MatMul and Gemm are quantized: int8 Mul/Add/Concat kernels (QLinearMul, ...) measured slower than
-  the float ops plus the Q/DQ they would save;
-* the GELU is fused before quantization and PAT_sp's gate row is stretched over its conv's 8-bit grid
-  (calibration.rewrites): unfused, the INT8 graph was no faster than FP32; untreated, the gate logit sat on the
-  features' coarse grid, the largest single INT8 error measured (cosine to FP32 0.985 from that one conv on the
-  tiny official model, 0.999 once treated).
+The CPU scheme (measurements: benchmarks/DECISIONS.md): uint8 asymmetric activations x int8 symmetric per-channel
+weights (U8S8, the VNNI kernel); only Conv, MatMul and Gemm quantized (int8 elementwise kernels measured slower
+than the float ops plus the Q/DQ they would save); GELU fused and PAT_sp's gate row stretched over its conv's
+8-bit grid before quantization (calibration.rewrites).
 """
 from __future__ import annotations
 

@@ -4,23 +4,16 @@ Plain mode is `nncf.quantize` over the calibration images (subset_size = all of 
 Accuracy-controlled mode is `nncf.quantize_with_accuracy_control` on a labelled validation ImageSet with a maximum
 absolute top-1 drop; NNCF then reverts the most harmful quantizers to float until the drop is met.
 
-Settings (measured on T0 at 224 px, 128 calibration crops, 256 held-out crops, top-1 agreement with FP32):
+Settings (why each, with the measurements: benchmarks/DECISIONS.md):
 
 * model_type None (CNN) with the MIXED preset (asymmetric activations) and activation ranges from the global
-  min/max over the calibration set (`RangeEstimatorParametersSet.MINMAX`). NNCF's CNN default is symmetric
-  activations with the *mean* of the per-image min/max, which clips the activations of every image whose range exceeds the average one: on a
-  freshly built T0 that was agreement 0.93, max |dlogit| 2.8; with these settings 0.97 and 0.26, same latency.
-* TRANSFORMER is faster (0.9x of the CNN latency) but wrong on PartialNet: quantizing the strided convolutions
-  (patch embedding, patch merging) in that mode drops agreement to 0.6 (cosine 0.85), with or without SmoothQuant,
-  although their input ranges and weights match the CNN mode's; with them in float it is no faster than CNN.
-  `model_type="transformer"` stays available for experiments.
-
+  min/max over the calibration set (`RangeEstimatorParametersSet.MINMAX`), not NNCF's mean of per-image ranges,
+  which clips every image whose range exceeds the average one. TRANSFORMER is faster but wrong on PartialNet's
+  strided convolutions; `model_type="transformer"` stays available for experiments.
 * Which CPUs the weights are exact on (`int8_cpu`, runtimes.cpu): "vnni" keeps full 8-bit weights in every layer
   but the first (NNCF's OverflowFix.FIRST_LAYER), exact only on CPUs with VNNI or AMX; "any" quantizes weights to
   7 bits (OverflowFix.ENABLE), so no u8 x s8 pair sum can saturate 16 bits on any x86 CPU. "auto" picks by this
-  machine. Measured on T0 at 224 px, Zen 2 without VNNI: FIRST_LAYER agreement 0.78 / cosine 0.981 against FP32,
-  ENABLE 0.97 / 0.99934. 7-bit weights cost accuracy where 8 bits are exact: the same weight rounding in ONNX
-  Runtime's exact simulation gave 1 - cosine 4.8e-4 against 2.0e-4 (T0, 64 default images).
+  machine.
 
 The IgnoredScope is made of op names resolved from the ONNX graph (calibration.policy), all present in the model
 (NNCF validates that); after quantization the ignored ops are checked for FakeQuantize on their inputs, and the
@@ -33,14 +26,15 @@ import logging
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import numpy as np
 import onnx
 
+from partialnet.console import SILENT, Console
 from partialnet.errors import UsageError
-
 from runtimes.cpu import int8_dot_saturates
 from runtimes.ov import INT8_CPU_KEY, METADATA_RT_KEY, check_ir_destination, save_ir
 
@@ -54,9 +48,8 @@ INT8_CPUS: tuple[str, ...] = ("auto", "any", "vnni")
 
 # Kept in float on OpenVINO for speed, on top of the shared policy. NNCF's CNN scheme quantizes the PAT_sp gating
 # Mul and both inputs of the Concat after it so that the Concat runs in int8: four FakeQuantize ops and an f32
-# Split per block, for a tail whose only arithmetic is one multiply. In float the tail reads the fp32 conv output
-# directly. T0 at 224 px, batch 1, 2 threads, three interleaved runs: 3.68 -> 3.38 ms median (8% faster), cosine
-# and max |dlogit| against FP32 unchanged (1 - 2.9e-4, 0.29 on 256 held-out images).
+# Split per block, for a tail whose only arithmetic is one multiply (8% faster in float, same error:
+# benchmarks/DECISIONS.md).
 OV_SPEED_PARTS: dict[str, str] = {
     "sp_tail": "OpenVINO speed: T0 INT8 8% faster with the PAT_sp tail in float, same error (calibration.ov_int8)",
 }
@@ -127,27 +120,64 @@ def ignored_ops_fed_by_fake_quantize(model: Any, names: Iterable[str]) -> list[s
     return out
 
 
-def quantize_ov(
-    source: str | Path,
-    onnx_path: str | Path,
-    dest: str | Path,
-    calib: ImageSet,
-    *,
-    policy: FloatPolicy = DEFAULT_POLICY,
-    val: ImageSet | None = None,
-    max_drop: float | None = None,
-    model_type: ModelType = "cnn",
-    fast_bias_correction: bool = True,
-    int8_cpu: Int8Cpu = "auto",
-    metadata: Mapping[str, str] | None = None,
-    force: bool = False,
-    log: Callable[[str], None] = lambda msg: None,
-    progress: bool = True,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class OvQuantization:
+    """How NNCF quantizes: the float policy, the accuracy-controlled mode's images and drop, and the weight range.
+
+    With `val` (labelled) and `max_drop` (a fraction, 0.01 = one point of top-1) the accuracy-controlled mode runs.
+    """
+
+    policy: FloatPolicy = DEFAULT_POLICY
+    val: ImageSet | None = None
+    max_drop: float | None = None
+    model_type: ModelType = "cnn"
+    fast_bias_correction: bool = True
+    int8_cpu: Int8Cpu = "auto"
+
+    @property
+    def accuracy_control(self) -> bool:
+        return self.max_drop is not None
+
+    def check(self) -> str:
+        """Raise UsageError for settings that cannot work; return the resolved int8_cpu ("any" or "vnni")."""
+        if self.model_type not in ("transformer", "cnn"):
+            raise UsageError(f"model_type {self.model_type!r} is not 'transformer' or 'cnn'.")
+        if self.accuracy_control:
+            if self.val is None or self.val.labels is None:
+                raise UsageError("accuracy-controlled INT8 needs labelled validation images (class subfolders or a "
+                                 "labelled list).")
+            if not 0 <= self.max_drop < 1:  # type: ignore[operator]
+                raise UsageError(f"max_drop is a fraction of top-1 (0.01 = one point); got {self.max_drop}.")
+        return resolve_int8_cpu(self.int8_cpu)
+
+    def nncf_kwargs(self, ignored: list[str], weights_for: str, subset_size: int) -> dict[str, Any]:
+        import nncf
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+        kwargs: dict[str, Any] = {
+            "subset_size": subset_size,
+            "fast_bias_correction": self.fast_bias_correction,
+            "ignored_scope": nncf.IgnoredScope(names=ignored, validate=True),
+            "model_type": nncf.ModelType.TRANSFORMER if self.model_type == "transformer" else None,
+        }
+        advanced: dict[str, Any] = {
+            "overflow_fix": OverflowFix.ENABLE if weights_for == "any" else OverflowFix.FIRST_LAYER}
+        if self.model_type == "cnn":
+            kwargs["preset"] = nncf.QuantizationPreset.MIXED
+            advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.MINMAX
+        # quantize_with_accuracy_control takes the same settings under another keyword
+        key = "advanced_quantization_parameters" if self.accuracy_control else "advanced_parameters"
+        kwargs[key] = AdvancedQuantizationParameters(**advanced)
+        return kwargs
+
+
+def quantize_ov(source: str | Path, onnx_path: str | Path, dest: str | Path, calib: ImageSet,
+                settings: OvQuantization = OvQuantization(), *, metadata: Mapping[str, str] | None = None,
+                force: bool = False, console: Console = SILENT) -> dict[str, Any]:
     """INT8 of the OpenVINO model `source` (IR .xml, or an .onnx to convert) into `dest` (.xml + .bin).
 
     `onnx_path` is the float ONNX the IR was converted from: the policy is resolved on it and mapped to op names.
-    With `val` (labelled) and `max_drop` (a fraction, 0.01 = one point of top-1) the accuracy-controlled mode runs.
     """
     import nncf
     import openvino as ov
@@ -159,60 +189,21 @@ def quantize_ov(
     for p, what in ((source, "OpenVINO model"), (onnx_path, "ONNX model")):
         if not p.is_file():
             raise UsageError(f"{what} {p} does not exist; run 'deploy export' first.")
-    if model_type not in ("transformer", "cnn"):
-        raise UsageError(f"model_type {model_type!r} is not 'transformer' or 'cnn'.")
-    weights_for = resolve_int8_cpu(int8_cpu)
-    accuracy_control = max_drop is not None
-    if accuracy_control:
-        if val is None or val.labels is None:
-            raise UsageError("accuracy-controlled INT8 needs labelled validation images (class subfolders or a labelled list).")
-        if not 0 <= max_drop < 1:
-            raise UsageError(f"max_drop is a fraction of top-1 (0.01 = one point); got {max_drop}.")
-    graph = OnnxGraph(onnx.load(str(onnx_path), load_external_data=False))
-    size = model_input_size(onnx.load(str(onnx_path), load_external_data=False))
-    check_calibration_set(calib, size)
-    if val is not None:
-        check_calibration_set(val, size)
+    weights_for = settings.check()
+    onnx_model = onnx.load(str(onnx_path), load_external_data=False)
+    check_calibration_set(calib, model_input_size(onnx_model))
+    if settings.val is not None:
+        check_calibration_set(settings.val, model_input_size(onnx_model))
 
     model = _read(source)
-    policy = policy.with_parts(OV_SPEED_PARTS, reasons=OV_SPEED_PARTS)
-    ignored = policy.ov_ignored_names(model, graph)
-    scope = nncf.IgnoredScope(names=ignored, validate=True)
-    kwargs: dict[str, Any] = {
-        "subset_size": len(calib),
-        "fast_bias_correction": fast_bias_correction,
-        "ignored_scope": scope,
-        "model_type": nncf.ModelType.TRANSFORMER if model_type == "transformer" else None,
-    }
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-
-    advanced: dict[str, Any] = {
-        "overflow_fix": OverflowFix.ENABLE if weights_for == "any" else OverflowFix.FIRST_LAYER}
-    if model_type == "cnn":
-        kwargs["preset"] = nncf.QuantizationPreset.MIXED
-        advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.MINMAX
-    kwargs["advanced_parameters"] = AdvancedQuantizationParameters(**advanced)
-    calib_ds = nncf.Dataset(list(calib.images), lambda x: x[None])
-    log(f"quantizing the OpenVINO model with NNCF on {len(calib)} images"
-        + (f" (accuracy control: max top-1 drop {max_drop:.3f} on {len(val)} labelled images)" if accuracy_control else ""))
-    try:
-        with _nncf_output_to_stderr(progress):
-            if accuracy_control:
-                val_ds = nncf.Dataset(list(zip(val.images, val.labels.tolist())), lambda item: item[0][None])
-                ac_kwargs = dict(kwargs)
-                if "advanced_parameters" in ac_kwargs:  # the same settings under this function's keyword
-                    ac_kwargs["advanced_quantization_parameters"] = ac_kwargs.pop("advanced_parameters")
-                quantized = nncf.quantize_with_accuracy_control(
-                    model, calib_ds, val_ds, top1_validation_fn, max_drop=max_drop,
-                    drop_type=nncf.DropType.ABSOLUTE, **ac_kwargs,
-                )
-            else:
-                quantized = nncf.quantize(model, calib_ds, **kwargs)
-    except nncf.ValidationError as e:
-        raise QuantizationError(f"NNCF rejected the ignored scope ({e}); the policy names ops the model lacks.") from e
-    except Exception as e:  # NNCF and OpenVINO raise many types; the message carries the reason
-        raise QuantizationError(f"NNCF quantization failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    policy = settings.policy.with_parts(OV_SPEED_PARTS, reasons=OV_SPEED_PARTS)
+    ignored = policy.ov_ignored_names(model, OnnxGraph(onnx_model))
+    kwargs = settings.nncf_kwargs(ignored, weights_for, len(calib))
+    val = settings.val
+    console(f"quantizing the OpenVINO model with NNCF on {len(calib)} images"
+            + (f" (accuracy control: max top-1 drop {settings.max_drop:.3f} on {len(val)} labelled images)"
+               if settings.accuracy_control and val is not None else ""))
+    quantized = _run_nncf(model, calib, settings, kwargs, console)
 
     meta = dict(metadata or {})
     meta["partialnet.precision"] = "int8"
@@ -226,12 +217,12 @@ def quantize_ov(
     save_ir(quantized, dest, force=force)
     return {
         "tool": f"nncf {nncf.__version__}, openvino {ov.__version__}",
-        "mode": "quantize_with_accuracy_control" if accuracy_control else "quantize",
-        "max_drop": max_drop,
-        "model_type": model_type,
+        "mode": "quantize_with_accuracy_control" if settings.accuracy_control else "quantize",
+        "max_drop": settings.max_drop,
+        "model_type": settings.model_type,
         "preset": "mixed",
-        "activation_ranges": "global min/max" if model_type == "cnn" else "nncf default",
-        "fast_bias_correction": fast_bias_correction,
+        "activation_ranges": "global min/max" if settings.model_type == "cnn" else "nncf default",
+        "fast_bias_correction": settings.fast_bias_correction,
         "int8_cpu": weights_for,
         "weights": WEIGHTS_FOR[weights_for],
         "subset_size": len(calib),
@@ -240,7 +231,28 @@ def quantize_ov(
         "ignored_ops_reading_quantized_input": still_quantized,
         "calibration": {"source": calib.source, "size": len(calib), "skipped_images": len(calib.skipped),
                         "user_data": calib.user_data},
-        "validation": ({"source": val.source, "size": len(val)} if accuracy_control and val is not None else None),
+        "validation": ({"source": val.source, "size": len(val)} if settings.accuracy_control and val is not None
+                       else None),
         "policy": policy.to_dict(),
         "ignored_names": ignored,
     }
+
+
+def _run_nncf(model: Any, calib: ImageSet, settings: OvQuantization, kwargs: dict[str, Any], console: Console) -> Any:
+    import nncf
+
+    calib_ds = nncf.Dataset(list(calib.images), lambda x: x[None])
+    try:
+        with _nncf_output_to_stderr(console.shows_progress):
+            if settings.accuracy_control and settings.val is not None and settings.val.labels is not None:
+                val_ds = nncf.Dataset(list(zip(settings.val.images, settings.val.labels.tolist())),
+                                      lambda item: item[0][None])
+                return nncf.quantize_with_accuracy_control(
+                    model, calib_ds, val_ds, top1_validation_fn, max_drop=settings.max_drop,
+                    drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+            return nncf.quantize(model, calib_ds, **kwargs)
+    except nncf.ValidationError as e:
+        raise QuantizationError(f"NNCF rejected the ignored scope ({e}); the policy names ops the model lacks.") from e
+    except Exception as e:  # NNCF and OpenVINO raise many types; the message carries the reason
+        raise QuantizationError(f"NNCF quantization failed: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}") from e

@@ -21,37 +21,31 @@ import numpy as np
 
 from partialnet.errors import UsageError
 
-from runtimes.base import OUTPUT_NAME
+from runtimes.compare import Drift, run_all
 
-from .ort_int8 import CPU_SCHEME, INPUT_NAME, QuantSession
+from .ort_int8 import CPU_SCHEME, QuantSession
 from .policy import DEFAULT_POLICY, FloatPolicy
 
 
 @dataclass(frozen=True)
-class LogitDrift:
-    """How far INT8 logits are from FP32 logits on the same images."""
+class Probe:
+    """One quantization's drift from FP32 on the evaluation images, and its top-1 accuracy when labelled."""
 
-    top1_agreement: float
-    cosine: float
-    max_abs: float
-    mean_kl: float
+    drift: Drift
     top1_accuracy: float | None = None
 
     @classmethod
-    def between(cls, ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None) -> "LogitDrift":
-        r, g = ref.astype(np.float64), got.astype(np.float64)
-        cos = (r * g).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1), 1e-300)
-        lr = r - r.max(1, keepdims=True)
-        lr = lr - np.log(np.exp(lr).sum(1, keepdims=True))
-        lg = g - g.max(1, keepdims=True)
-        lg = lg - np.log(np.exp(lg).sum(1, keepdims=True))
-        kl = float(max((np.exp(lr) * (lr - lg)).sum(1).mean(), 0.0))
-        acc = None if labels is None else float((g.argmax(1) == labels).mean())
-        return cls(float((r.argmax(1) == g.argmax(1)).mean()), float(cos.mean()), float(np.abs(r - g).max()), kl, acc)
+    def of(cls, fp32_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray | None) -> "Probe":
+        acc = None if labels is None else float((logits.argmax(1) == labels).mean())
+        return cls(Drift.between(fp32_logits, logits), acc)
 
     def describe(self) -> str:
-        text = f"top-1 agreement {self.top1_agreement:.4f}, cosine {self.cosine:.5f}, KL {self.mean_kl:.2e}"
+        d = self.drift
+        text = f"top-1 agreement {d.top1_agreement:.4f}, cosine {d.cosine_similarity:.5f}, KL {d.mean_kl:.2e}"
         return text + (f", top-1 {self.top1_accuracy:.4f}" if self.top1_accuracy is not None else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.drift.to_dict(), "top1_accuracy": self.top1_accuracy}
 
 
 @dataclass
@@ -69,8 +63,8 @@ class Target:
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop < 1:
             raise UsageError(f"maximum accuracy drop is a fraction in [0, 1) (0.01 = one point); got {self.max_accuracy_drop}.")
 
-    def met(self, d: LogitDrift, fp32_accuracy: float | None) -> bool:
-        ok = self.top1_agreement is None or d.top1_agreement >= self.top1_agreement
+    def met(self, d: Probe, fp32_accuracy: float | None) -> bool:
+        ok = self.top1_agreement is None or d.drift.top1_agreement >= self.top1_agreement
         if self.max_accuracy_drop is not None:
             ok = ok and d.top1_accuracy is not None and fp32_accuracy is not None and (
                 fp32_accuracy - d.top1_accuracy <= self.max_accuracy_drop + 1e-12)
@@ -84,9 +78,9 @@ class SensitivityResult:
     target: Target
     evaluation: str
     fp32_accuracy: float | None
-    base: LogitDrift
-    ranking: list[tuple[str, LogitDrift]]
-    steps: list[tuple[list[str], LogitDrift]] = field(default_factory=list)
+    base: Probe
+    ranking: list[tuple[str, Probe]]
+    steps: list[tuple[list[str], Probe]] = field(default_factory=list)
     kept_float: list[str] = field(default_factory=list)
     met: bool = False
 
@@ -106,9 +100,9 @@ class SensitivityResult:
             "target": asdict(self.target),
             "evaluated_on": self.evaluation,
             "fp32_top1_accuracy": self.fp32_accuracy,
-            "all_quantized": asdict(self.base),
-            "ranking_worst_first": [{"unit": u, **asdict(d)} for u, d in self.ranking],
-            "greedy_steps": [{"float_units": list(us), **asdict(d)} for us, d in self.steps],
+            "all_quantized": self.base.to_dict(),
+            "ranking_worst_first": [{"unit": u, **d.to_dict()} for u, d in self.ranking],
+            "greedy_steps": [{"float_units": list(us), **d.to_dict()} for us, d in self.steps],
             "kept_float": self.kept_float,
             "target_met": self.met,
         }
@@ -119,8 +113,7 @@ def _logits(path: Path, images: np.ndarray, threads: int | None, batch: int = 16
 
     runner = OrtRunner(path, precision="int8", threads=threads)
     try:
-        return np.concatenate([runner.run({INPUT_NAME: images[i : i + batch]})[OUTPUT_NAME]
-                               for i in range(0, len(images), batch)])
+        return run_all({"probe": runner}, images, batch)["probe"]
     finally:
         runner.close()
 
@@ -158,9 +151,9 @@ def sensitivity_pass(
     with tempfile.TemporaryDirectory(dir=session.workdir) as tmp:
         path = Path(tmp) / "probe.onnx"
 
-        def measure(exclude: list[str], include: list[str] | None = None) -> LogitDrift:
+        def measure(exclude: list[str], include: list[str] | None = None) -> Probe:
             session.quantize(path, CPU_SCHEME, exclude, include)
-            return LogitDrift.between(fp32_logits, _logits(path, x, threads), labels)
+            return Probe.of(fp32_logits, _logits(path, x, threads), labels)
 
         base_drift = measure(sorted(base_exclude))
         result = SensitivityResult(target, f"{len(x)} {where}", fp32_acc, base_drift, [])
@@ -171,7 +164,7 @@ def sensitivity_pass(
             return result
         log(f"sensitivity: quantizing each of {len(units)} units alone ({len(x)} {where})")
         ranking = [(u, measure(sorted(base_exclude), weighted[u])) for u in units]
-        ranking.sort(key=lambda t: (t[1].mean_kl, -t[1].cosine), reverse=True)
+        ranking.sort(key=lambda t: (t[1].drift.mean_kl, -t[1].drift.cosine_similarity), reverse=True)
         result.ranking = ranking
         current, kept = base_drift, []
         for unit, _ in ranking:

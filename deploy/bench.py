@@ -14,18 +14,18 @@ from typing import Any, Callable, Hashable, Mapping, Sequence, TypeVar
 import numpy as np
 
 from calibration.sources import default_images
-from export.manifest import Manifest
+from export.layout import BENCH
+from export.manifest import Artifact
+from partialnet.console import SILENT, Console
 from partialnet.errors import UsageError
 from partialnet.files import atomic_write_json, atomic_write_text
 from partialnet.variants import Preprocess
 from runtimes.base import INPUT_NAME
+from runtimes.compare import Drift, disagreement_notes, run_all
 
-from .drift import Drift, disagreement_notes
-from .predict import run_batched
-from .report import Report
-from .report import isa_summary, machine_fingerprint
-from .validate import (Log, Opened, close_all, nothing_runs_error, open_eager,
-                       open_rows, select_rows)
+from .backends import RunnerOptions
+from .opening import ExportHandle, Opened, close_all, nothing_runs_error, open_export, open_rows, select_rows
+from .report import Report, isa_summary
 
 SLICE_S = 0.1  # one turn of a runner in the round-robin
 MIN_CALLS = 5  # per (runner, batch size), however long a call takes
@@ -145,17 +145,21 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-@dataclass
-class BenchRequest:
-    folder: str | Path
-    backends: str | None = None  # comma-separated; None = every artifact in the manifest
+@dataclass(frozen=True)
+class BenchSettings:
     batch_sizes: tuple[int, ...] = (1, 8)
     threads: int | None = None
     warmup_s: float = 1.0
     duration_s: float = 5.0
     slice_s: float = SLICE_S
+
+
+@dataclass
+class BenchRequest:
+    folder: str | Path
+    backends: str | None = None  # comma-separated; None = every artifact in the manifest
+    settings: BenchSettings = BenchSettings()
     allow_pickle: bool = False
-    shown_as: str | None = None  # the folder's name in reports, when it is benched before being renamed into place
 
 
 @dataclass
@@ -170,49 +174,47 @@ def bench_inputs(images: np.ndarray, batch_size: int) -> np.ndarray:
     return np.ascontiguousarray(np.resize(images, (batch_size, *images.shape[1:])), dtype=np.float32)
 
 
-def runner_threads(o: Opened) -> int | None:
-    """The threads a runner computes with, as it reports them (eager: torch's intra-op pool)."""
-    if o.backend == "eager":
-        import torch
-
-        return torch.get_num_threads()
-    return getattr(o.runner, "options", {}).get("threads")
+def run_bench(req: BenchRequest, console: Console = SILENT) -> Bench:
+    """`deploy bench DIR`: open the export from disk and time eager and every selected row."""
+    export = open_export(req.folder, allow_pickle=req.allow_pickle, console=console)
+    return bench_export(export, select_rows(export.manifest, req.backends), req.settings, console)
 
 
-def run_bench(req: BenchRequest, log: Log = print, show_progress: bool = False) -> Bench:
-    """Time eager and every selected artifact interleaved; write DIR/bench.json, bench.md and bench.png."""
+def bench_export(export: ExportHandle, rows: Sequence[Artifact], settings: BenchSettings, console: Console) -> Bench:
+    """Time eager and every row interleaved; write bench.json, bench.md and bench.png into the export's folder."""
     from .plot import PlotPoint, latency_agreement_png
 
-    folder = Path(req.folder)
-    manifest = Manifest.load(folder)
-    rows = select_rows(manifest, req.backends)
+    manifest = export.manifest
     pp = Preprocess.from_dict(manifest.preprocess)
     images = default_images(ACCURACY_SAMPLES, pp, seed=0)
 
-    _, eager = open_eager(manifest, req.threads, req.allow_pickle, log)
-    opened, skipped = open_rows(folder, manifest, rows, req.threads, log, for_timing=True)
+    options = RunnerOptions(threads=settings.threads, for_timing=True)
+    eager = export.eager_runner(options)
+    opened, skipped = open_rows(export.folder, rows, options, console)
     runners = [eager, *opened]
     try:
         if not opened and rows:
             raise nothing_runs_error(rows, skipped)
-        ref = run_batched(eager.runner, images.images, 8)
-        agreement = {o.key: Drift.between(ref, run_batched(o.runner, images.images, 8)) for o in runners}
-        batches = {bs: bench_inputs(images.images, bs) for bs in req.batch_sizes}
-        calls = {(o.key, bs): _call(o, batches[bs]) for bs in req.batch_sizes for o in runners}
-        log(f"bench: {len(runners)} runners x {len(req.batch_sizes)} batch size(s), interleaved, "
-            f"about {len(calls) * (req.warmup_s + req.duration_s):.0f} s")
-        latencies = _measure(calls, req, show_progress)
-        threads = {o.key: runner_threads(o) for o in runners}
+        logits = run_all({o.key: o.runner for o in runners}, images.images, 8)
+        agreement = {o.key: Drift.between(logits[eager.key], logits[o.key]) for o in runners}
+        batches = {bs: bench_inputs(images.images, bs) for bs in settings.batch_sizes}
+        calls = {(o.key, bs): _call(o, batches[bs]) for bs in settings.batch_sizes for o in runners}
+        console(f"bench: {len(runners)} runners x {len(settings.batch_sizes)} batch size(s), interleaved, "
+                f"about {len(calls) * (settings.warmup_s + settings.duration_s):.0f} s")
+        with console.seconds_bar(len(calls) * settings.duration_s, "timing") as progress:
+            latencies = measure_interleaved(calls, warmup_s=settings.warmup_s, duration_s=settings.duration_s,
+                                            slice_s=settings.slice_s, progress=progress)
+        threads = {o.key: o.runner_threads for o in runners}
     finally:
         close_all(runners)
 
-    table = bench_rows(runners, req.batch_sizes, latencies, agreement, threads)
+    table = bench_rows(runners, settings.batch_sizes, latencies, agreement, threads)
     report = Report(title=f"{manifest.variant} benchmark")
-    shown = Path(req.shown_as) if req.shown_as else folder
+    shown = export.shown_as
     report.section("export", {"folder": str(shown), "variant": manifest.variant, "input_size": manifest.input_size})
     report.section("settings", {
-        "batch_sizes": list(req.batch_sizes), "threads": req.threads, "warmup_s": req.warmup_s,
-        "duration_s": req.duration_s, "slice_s": req.slice_s, "min_calls": MIN_CALLS,
+        "batch_sizes": list(settings.batch_sizes), "threads": settings.threads, "warmup_s": settings.warmup_s,
+        "duration_s": settings.duration_s, "slice_s": settings.slice_s, "min_calls": MIN_CALLS,
         "method": "interleaved: every (runner, batch size) in turn, in slices of slice_s, until each has duration_s "
                   "of timed calls; warm-up the same way first, discarded",
     })
@@ -220,24 +222,20 @@ def run_bench(req: BenchRequest, log: Log = print, show_progress: bool = False) 
     report.section("agreement_set", {"source": images.source, "samples": len(images),
                                      "what": "top-1 agreement with eager, not accuracy on labelled data"})
     report.section("skipped", skipped)
-    report.environment = machine_fingerprint()
-    doc = report.to_dict()
-    for key in ("manifest", "gates", "passed"):
+    doc = report.to_document()
+    for key in ("gates", "passed", "failures"):
         doc.pop(key)
-    doc.update(doc.pop("sections"))
-    doc["environment"] = doc.pop("environment")
-    doc["files"] = {"json": str(shown / "bench.json"), "markdown": str(shown / "bench.md"),
-                    "plot": str(shown / "bench.png")}
+    doc["files"] = {"json": str(shown / BENCH[0]), "markdown": str(shown / BENCH[1]), "plot": str(shown / BENCH[2])}
 
     points = [PlotPoint(f"{r['backend']} {r['precision']}", r["p50_ms"], r["top1_agreement"], r["batch_size"])
               for r in table]
-    plot = latency_agreement_png(points, folder / "bench.png",
+    plot = latency_agreement_png(points, export.folder / BENCH[2],
                                  title=f"{manifest.variant} at {manifest.input_size} px: p50 latency against agreement",
                                  note=f"{doc['environment']['cpu']}; agreement on {len(images)} default images")
     markdown = bench_markdown(doc)
-    atomic_write_json(folder / "bench.json", doc, force=True)
-    atomic_write_text(folder / "bench.md", markdown, force=True)
-    log(f"wrote {shown / 'bench.json'}, {shown / 'bench.md'} and {shown / plot.name}")
+    atomic_write_json(export.folder / BENCH[0], doc, force=True)
+    atomic_write_text(export.folder / BENCH[1], markdown, force=True)
+    console(f"wrote {shown / BENCH[0]}, {shown / BENCH[1]} and {shown / BENCH[2]}")
     return Bench(doc, markdown, plot)
 
 
@@ -247,31 +245,16 @@ def _call(o: Opened, x: np.ndarray) -> Callable[[], object]:
     return lambda: run(feeds)
 
 
-def _measure(calls, req: BenchRequest, show_progress: bool):
-    if not show_progress:
-        return measure_interleaved(calls, warmup_s=req.warmup_s, duration_s=req.duration_s, slice_s=req.slice_s)
-    from tqdm import tqdm
-
-    total = len(calls) * req.duration_s
-    with tqdm(total=round(total, 1), desc="timing", unit="s", leave=False,
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s") as bar:
-        def progress(done: float) -> None:
-            bar.n = min(round(done, 1), bar.total)
-            bar.refresh()
-
-        return measure_interleaved(calls, warmup_s=req.warmup_s, duration_s=req.duration_s, slice_s=req.slice_s,
-                                   progress=progress)
-
-
 def bench_rows(runners: Sequence[Opened], batch_sizes: Sequence[int], latencies: Mapping[tuple[str, int], Latency],
                agreement: Mapping[str, Drift], threads: Mapping[str, int | None]) -> list[dict[str, Any]]:
     """One row per (runner, batch size), eager first in each batch size; speed-up = eager p50 / this p50."""
     out = []
     for bs in batch_sizes:
-        eager_p50 = latencies[("eager", bs)].p50_ms
+        eager_p50 = latencies[(runners[0].key, bs)].p50_ms  # the eager reference runs first
         for o in runners:
             lat = latencies[(o.key, bs)]
             out.append({
+                "key": o.key, "role": "reference" if o.artifact is None else "artifact",
                 "backend": o.backend, "precision": o.precision, "batch_size": bs, **lat.summary(bs),
                 "speedup_vs_eager": eager_p50 / lat.p50_ms,
                 "top1_agreement": agreement[o.key].top1_agreement,

@@ -1,23 +1,21 @@
 """What `deploy list` and `deploy info` show: variants, their size and cost, and what a checkpoint holds."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from partialnet import LoadedModel, variant_config
-from partialnet.model import PartialNet
-from partialnet.profile import count_macs, count_params
+from partialnet.config import variant_config
+from partialnet.cost import mac_count, param_count
 from partialnet.variants import VARIANTS
+
+if TYPE_CHECKING:
+    from partialnet import LoadedModel
 
 
 def variant_rows() -> list[dict[str, Any]]:
     """One row per variant; params and MACs with PAT_sp (the default) and without (the published cfgs)."""
     rows = []
     for v in VARIANTS.values():
-        with torch.device("meta"):  # shapes only: nothing is allocated or computed
-            with_sp = PartialNet(variant_config(v, spatial_attn=True))
-            without = PartialNet(variant_config(v, spatial_attn=False))
+        with_sp, without = variant_config(v, spatial_attn=True), variant_config(v, spatial_attn=False)
         rows.append(
             {
                 "variant": v.name,
@@ -26,10 +24,10 @@ def variant_rows() -> list[dict[str, Any]]:
                 "act": v.act,
                 "heads": v.num_heads,
                 "pat_sp_default": v.spatial_attn,
-                "params_m": round(count_params(with_sp) / 1e6, 3),
-                "params_m_no_sp": round(count_params(without) / 1e6, 3),
-                "macs_m_224": round(count_macs(with_sp, 224) / 1e6, 1),
-                "macs_m_224_no_sp": round(count_macs(without, 224) / 1e6, 1),
+                "params_m": round(param_count(with_sp) / 1e6, 3),
+                "params_m_no_sp": round(param_count(without) / 1e6, 3),
+                "macs_m_224": round(mac_count(with_sp, 224) / 1e6, 1),
+                "macs_m_224_no_sp": round(mac_count(without, 224) / 1e6, 1),
                 "input_size": v.preprocess.input_size,
                 "preprocess": f"resize {v.preprocess.resize_size} {v.preprocess.interpolation}, crop {v.preprocess.input_size}",
             }
@@ -54,7 +52,9 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def model_info(lm: LoadedModel, input_size: int) -> dict[str, Any]:
+def model_info(lm: "LoadedModel", input_size: int) -> dict[str, Any]:
+    from partialnet.profile import count_macs, count_params
+
     cfg = lm.config
     info: dict[str, Any] = {
         "variant": lm.variant.name,

@@ -1,7 +1,9 @@
 """The `deploy` command: a thin argparse layer over plain functions in deploy/.
 
-Results go to stdout, notes and progress to stderr. Every error is one line on stderr and an exit code:
-0 success, 1 failure, 2 usage error, 3 a validation gate failed. `--traceback` shows the stack.
+Results go to stdout, notes and progress to stderr. Every error is one line on stderr and an exit code
+(`partialnet.errors.ExitStatus`): 0 success, 1 failure, 2 usage error, 3 a validation gate failed, 130
+interrupted. `--traceback` shows the stack. Importing this module loads no torch, onnx or runtime: each handler
+imports its heavy module when it runs.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from partialnet.errors import DeployError, UsageError
+from partialnet.console import Console
+from partialnet.errors import DeployError, ExitStatus, UsageError
 
 PROG = "deploy"
 
@@ -86,14 +89,12 @@ def _load(args) -> "object":
     from partialnet import build_model
 
     return build_model(args.variant, args.checkpoint, spatial_attn=args.spatial_attn, allow_pickle=args.allow_pickle,
-                       log=_stderr(args))
+                       log=_console(args))
 
 
-def _stderr(args) -> Callable[[str], None]:
-    """Where notes go: stderr, or nowhere with --quiet."""
-    if getattr(args, "quiet", False):
-        return lambda msg: None
-    return lambda msg: print(msg, file=sys.stderr)
+def _console(args) -> Console:
+    """Where notes and progress go: stderr, or nowhere with --quiet."""
+    return Console(quiet=getattr(args, "quiet", False))
 
 
 # --------------------------------------------------------------------------- handlers
@@ -104,7 +105,7 @@ def cmd_list(args) -> int:
 
     rows = variant_rows()
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
-    return 0
+    return ExitStatus.OK
 
 
 def cmd_info(args) -> int:
@@ -113,7 +114,7 @@ def cmd_info(args) -> int:
     lm = _load(args)
     info = model_info(lm, args.input_size or lm.variant.preprocess.input_size)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
-    return 0
+    return ExitStatus.OK
 
 
 def cmd_predict(args) -> int:
@@ -128,17 +129,18 @@ def cmd_predict(args) -> int:
     if target.is_dir():
         runner, pp, fixed = _artifact_runner(args, target)
     else:
-        if args.backend != "eager":
+        from deploy.backends import EAGER, RunnerOptions
+
+        if args.backend != EAGER.name:
             raise UsageError(
                 f"--backend {args.backend} runs an export folder; {args.variant!r} is a variant name, which runs only "
-                f"with --backend eager. Export it first: deploy export {args.variant}."
+                f"with --backend {EAGER.name}. Export it first: deploy export {args.variant}."
             )
-        from runtimes.eager import EagerRunner
-
         lm = _load(args)
         size = args.input_size or lm.variant.preprocess.input_size
         pp = lm.variant.preprocess.at(size)
-        runner, fixed = EagerRunner(lm.model, None if args.inputs else size, threads=args.threads), None
+        runner = EAGER.open_model(lm.model, None if args.inputs else size, RunnerOptions(threads=args.threads))
+        fixed = None
     if fixed is not None and args.input_size and args.input_size != fixed:
         raise UsageError(f"this export is fixed at {fixed} px; --input-size {args.input_size} cannot apply.")
     x, names = gather_inputs(args.images, args.inputs, pp)
@@ -153,23 +155,21 @@ def cmd_predict(args) -> int:
     labels = read_labels(args.labels, logits.shape[1]) if args.labels else None
     idx, probs = topk(logits, args.topk)
     print(format_topk(names, idx, probs, labels))
-    return 0
+    return ExitStatus.OK
 
 
 def _artifact_runner(args, folder):
     """A runner for an export folder's artifact, with the preprocessing recorded in its manifest."""
-    from deploy.backends import open_artifact
+    from deploy.backends import EAGER, RunnerOptions, open_artifact
+    from deploy.opening import open_export
     from export.manifest import Manifest
     from partialnet.variants import Preprocess
 
     manifest = Manifest.load(folder)
     pp = Preprocess.from_dict(manifest.preprocess)
-    if args.backend == "eager":
-        from deploy.reference import eager_from_manifest
-        from runtimes.eager import EagerRunner
-
-        model = eager_from_manifest(manifest, allow_pickle=args.allow_pickle, log=_stderr(args))
-        return EagerRunner(model, manifest.input_size, threads=args.threads), pp, manifest.input_size
+    if args.backend == EAGER.name:
+        export = open_export(folder, allow_pickle=args.allow_pickle, console=_console(args))
+        return export.eager_runner(RunnerOptions(threads=args.threads)).runner, pp, manifest.input_size
     runner, _ = open_artifact(folder, manifest, args.backend, args.precision, args.threads)
     return runner, pp, manifest.input_size
 
@@ -193,7 +193,7 @@ def cmd_export(args) -> int:
         check=not args.no_check,
         threads=args.threads,
         backends=args.backends,
-        precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
+        precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip() and p.strip() != "fp32"),
         int8=args.int8,
         calib_data=args.calib_data,
         calib_size=args.calib_size,
@@ -203,14 +203,13 @@ def cmd_export(args) -> int:
         max_accuracy_drop=args.max_accuracy_drop / 100 if args.max_accuracy_drop is not None else None,
         validate=not args.no_validate,
         bench=not args.no_bench,
-        quiet=args.quiet,
     )
     if args.max_accuracy_drop is not None and not args.val_data:
         raise UsageError("--max-accuracy-drop needs labelled --val-data (class subfolders) to measure accuracy on.")
     if (args.calib_data or args.target_agreement is not None or args.max_accuracy_drop is not None
             or args.int8_cpu != "auto") and not args.int8:
         raise UsageError("--calib-data, --int8-cpu, --target-agreement and --max-accuracy-drop apply to INT8: add --int8.")
-    result = run_export(req, log=_stderr(args))
+    result = run_export(req, _console(args))
     print(result.folder)
     return result.exit_code
 
@@ -230,32 +229,32 @@ def cmd_validate(args) -> int:
         seed=args.seed,
         allow_pickle=args.allow_pickle,
     )
-    result = run_validation(req, log=_stderr(args), show_progress=not args.quiet)
+    result = run_validation(req, _console(args))
     print(json.dumps(result.document, indent=2) if args.json else format_validation(result.document))
-    return 0 if result.passed else 3
+    return ExitStatus.OK if result.passed else ExitStatus.GATE_FAILED
 
 
 def cmd_bench(args) -> int:
-    from deploy.bench import BenchRequest, format_bench, parse_batch_sizes, run_bench
+    from deploy.bench import BenchRequest, BenchSettings, format_bench, parse_batch_sizes, run_bench
 
-    req = BenchRequest(
-        folder=args.folder,
-        backends=args.backends,
-        batch_sizes=parse_batch_sizes(args.batch_sizes),
-        threads=args.threads,
-        warmup_s=args.warmup_s,
-        duration_s=args.duration_s,
-        allow_pickle=args.allow_pickle,
-    )
-    result = run_bench(req, log=_stderr(args), show_progress=not args.quiet)
+    settings = BenchSettings(batch_sizes=parse_batch_sizes(args.batch_sizes), threads=args.threads,
+                             warmup_s=args.warmup_s, duration_s=args.duration_s)
+    req = BenchRequest(folder=args.folder, backends=args.backends, settings=settings, allow_pickle=args.allow_pickle)
+    result = run_bench(req, _console(args))
     print(json.dumps(result.document, indent=2) if args.json else format_bench(result.document))
-    return 0
+    return ExitStatus.OK
 
 
 # --------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deploy import backends as registry  # light: backend libraries load only when a backend is used
+
+    names = registry.names()
+    eager = registry.EAGER.name
+    float_help = ", ".join(f"{p} ({b.name})" for b in registry.artifact_backends() for p in b.float_precisions
+                           if p != "fp32")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--traceback", action="store_true", help="show the Python stack on errors")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress or notes on stderr")
@@ -277,9 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="TARGET is a variant name (eager only) or an export folder (any backend).")
     _add_model_args(p)
     p.add_argument("images", nargs="*", help="image files")
-    p.add_argument("--backend", default="eager",
-                   help="eager, onnxruntime, openvino or tensorrt (the last three need an export folder)")
-    p.add_argument("--precision", default=None, help="artifact precision: fp32, fp16, bf16, int8 (default fp32)")
+    p.add_argument("--backend", default=eager,
+                   help=f"{eager} or one of {', '.join(names)} (those need an export folder)")
+    p.add_argument("--precision", default=None,
+                   help="artifact precision: fp32, fp16, bf16, int8 (default fp32); int8@tensorrt is the TensorRT "
+                        "Q/DQ ONNX run here, int8+entropy TensorRT's entropy-calibrated engine")
     p.add_argument("--inputs", help="preprocessed float32 NCHW array (.npy) instead of images")
     p.add_argument("--save-logits", help="write raw float32 logits [batch, classes] to this .npy")
     p.add_argument("--force", action="store_true", help="overwrite an existing --save-logits file")
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the post-export check against eager")
     p.add_argument("--val-data", help="images for the checks: folder (class subfolders = labels), .txt list, or .npy")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for runtimes")
-    p.add_argument("--backends", help="comma-separated: onnxruntime,openvino,tensorrt (default: every backend usable "
+    p.add_argument("--backends", help=f"comma-separated: {','.join(names)} (default: every backend usable "
                    "here; a requested one that cannot run here is reported as skipped, with the reason)")
     p.add_argument("--int8", action="store_true", help="also build INT8 artifacts for every backend, calibrated")
     p.add_argument("--calib-data", help="calibration images: folder (recursive; class subfolders are sampled "
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip 'deploy validate' at the end of the export")
     p.add_argument("--no-bench", action="store_true", help="skip the short latency run (and its plot)")
     p.add_argument("--precisions", default="fp32",
-                   help="comma-separated float precisions to build besides fp32: fp16 (tensorrt), bf16 (openvino)")
+                   help=f"comma-separated float precisions to build besides fp32: {float_help}")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("validate", parents=[common], help="accuracy and drift of every artifact against eager, gated",
@@ -377,21 +378,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         handler: Callable[[argparse.Namespace], int] = args.handler
-        return handler(args)
+        return int(handler(args))
     except DeployError as e:
         if show_tb:
             raise
         print(f"{PROG}: error: {_one_line(str(e))}", file=sys.stderr)
-        return e.exit_code
+        return int(e.exit_code)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return int(ExitStatus.INTERRUPTED)
     except Exception as e:  # anything unforeseen still ends as one line, not a traceback
         if show_tb:
             raise
         print(f"{PROG}: error: internal error: {type(e).__name__}: {_one_line(str(e))} (rerun with --traceback)",
               file=sys.stderr)
-        return 1
+        return int(ExitStatus.FAILURE)
 
 
 def _one_line(text: str) -> str:

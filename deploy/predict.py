@@ -5,13 +5,13 @@ from typing import Sequence
 
 import numpy as np
 
-from runtimes.base import INPUT_NAME, OUTPUT_NAME, Runner
+from runtimes.base import Runner
+from runtimes.compare import run_all
 
 
 def run_batched(runner: Runner, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Logits for every row of x, in chunks of batch_size."""
-    outs = [runner.run({INPUT_NAME: x[i : i + batch_size]})[OUTPUT_NAME] for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs, axis=0)
+    return run_all({"runner": runner}, x, batch_size)["runner"]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

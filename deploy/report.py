@@ -1,11 +1,13 @@
 """A report: named sections of plain data, gates with every failure listed, JSON and Markdown renderings."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any
 
 from runtimes.cpu import cpuinfo, int8_dot_saturates
@@ -22,8 +24,20 @@ def cpu_model() -> str:
     return cpuinfo(("model name",)).get("model name") or platform.processor() or platform.machine()
 
 
+@lru_cache(maxsize=1)
+def _fingerprint() -> dict[str, Any]:
+    return _measure_fingerprint()
+
+
 def machine_fingerprint() -> dict[str, Any]:
-    """What a drift or latency figure depends on: CPU model and ISA extensions, usable CPUs, GPUs, library versions."""
+    """What a drift or latency figure depends on: CPU model and ISA extensions, usable CPUs, GPUs, library versions.
+
+    One schema for every report (export, validation, bench); read once per process.
+    """
+    return copy.deepcopy(_fingerprint())
+
+
+def _measure_fingerprint() -> dict[str, Any]:
     import torch
 
     from export.manifest import tool_versions
@@ -59,12 +73,17 @@ def isa_summary(env: dict[str, Any]) -> str:
 
 @dataclass
 class Report:
+    """Named sections of plain data, gates with every failure, and the machine (`machine_fingerprint`)."""
+
     title: str
     sections: dict[str, Any] = field(default_factory=dict)
     gates: list[dict[str, Any]] = field(default_factory=list)
-    environment: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] | None = None
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def environment(self) -> dict[str, Any]:
+        return machine_fingerprint()
 
     def section(self, name: str, data: Any) -> None:
         self.sections[name] = data
@@ -87,9 +106,17 @@ class Report:
             "passed": not self.failed,
             "gates": self.gates,
             "sections": self.sections,
-            "environment": {"cpu": cpu_model(), "platform": platform.platform(), **self.environment},
+            "environment": self.environment,
             "manifest": self.manifest,
         }
+
+    def to_document(self) -> dict[str, Any]:
+        """The flat form `deploy validate/bench --json` print: sections at the top level, the machine last."""
+        doc: dict[str, Any] = {"title": self.title, "created": self.created, "passed": not self.failed,
+                               "gates": self.gates, "failures": self.failures}
+        doc.update(self.sections)
+        doc["environment"] = self.environment
+        return doc
 
     def to_markdown(self) -> str:
         lines = [f"# {self.title}", "", f"Created {self.created}. Result: **{'PASSED' if not self.failed else 'FAILED'}**.", ""]
@@ -100,7 +127,7 @@ class Report:
             lines.append("")
         for name, data in self.sections.items():
             lines += [f"## {name.replace('_', ' ').capitalize()}", "", _md(data), ""]
-        lines += ["## Environment", "", _md({"cpu": cpu_model(), **self.environment}), ""]
+        lines += ["## Environment", "", _md(self.environment), ""]
         return "\n".join(lines)
 
 

@@ -9,30 +9,27 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from calibration.sources import ImageSet, default_images, load_images
+from export.layout import VALIDATION
 from export.manifest import Artifact, Manifest
-from partialnet.errors import DeployError, UsageError
+from partialnet.console import SILENT, Console
+from partialnet.errors import UsageError
 from partialnet.files import atomic_write_json, atomic_write_text
 from partialnet.variants import Preprocess
-from runtimes.base import BackendUnavailable, Runner
-from runtimes.factory import BACKENDS
+from runtimes.compare import TOLERANCES, Drift, disagreement_notes, run_all
+from runtimes.eager import fp32_noise_floor
 
-from .drift import TOLERANCES, Drift, disagreement_notes
-from .predict import run_batched
-from .report import Report, isa_summary, machine_fingerprint
-
-if TYPE_CHECKING:
-    import torch
+from .backends import RunnerOptions
+from .opening import ExportHandle, Opened, close_all, nothing_runs_error, open_export, open_rows, select_rows
+from .report import Report, isa_summary
 
 DEFAULT_SAMPLES = 64  # images drawn from the embedded default set when no --data is given
 BOOTSTRAP_RESAMPLES = 10_000
-REFERENCE_ONNX = "onnxruntime/fp32"
 REDUCED_PRECISIONS = ("fp16", "bf16")
-Log = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- statistics
@@ -110,139 +107,20 @@ def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     return (top == labels[:, None]).any(axis=1)
 
 
-# --------------------------------------------------------------------------- machine and artifacts
-
-
-def row_key(art: Artifact) -> str:
-    return f"{art.backend}/{art.precision}"
-
-
-def select_rows(manifest: Manifest, backends: str | None) -> list[Artifact]:
-    """The manifest's artifacts for the named backends (comma-separated; None = all). Eager always runs anyway."""
-    if backends is None:
-        return list(manifest.artifacts)
-    wanted = [b.strip() for b in backends.split(",") if b.strip() and b.strip() != "eager"]
-    unknown = [b for b in wanted if b not in BACKENDS]
-    if unknown:
-        raise UsageError(f"unknown backend(s) {', '.join(unknown)}; choose from eager, {', '.join(BACKENDS)}.")
-    for b in wanted:
-        manifest.find(b)  # raises, naming what the export has, when there is no such artifact
-    return [a for a in manifest.artifacts if a.backend in wanted]
-
-
-@dataclass
-class Opened:
-    """A runner ready to call, with the manifest row it runs (None for the eager reference)."""
-
-    key: str
-    runner: Runner
-    artifact: Artifact | None = None
-
-    @property
-    def backend(self) -> str:
-        return self.artifact.backend if self.artifact else "eager"
-
-    @property
-    def precision(self) -> str:
-        return self.artifact.precision if self.artifact else "fp32"
-
-
-def open_eager(manifest: Manifest, threads: int | None, allow_pickle: bool,
-               log: Log) -> tuple["torch.nn.Module", Opened]:
-    """The eager model the export was made from, and a runner for it at the export's input size."""
-    from runtimes.eager import EagerRunner
-
-    from .reference import eager_from_manifest
-
-    model = eager_from_manifest(manifest, allow_pickle=allow_pickle, log=log)
-    return model, Opened("eager", EagerRunner(model, manifest.input_size, threads=threads))
-
-
-def open_rows(folder: Path, manifest: Manifest, rows: Sequence[Artifact], threads: int | None,
-              log: Log, *, for_timing: bool = False) -> tuple[list[Opened], list[dict[str, str]]]:
-    """Runners for the rows (hash-checked); a row whose backend cannot run here is skipped with the reason.
-
-    `for_timing` stops ONNX Runtime's idle threads from spinning, so runtimes timed in turn do not slow each other.
-    """
-    from .backends import open_artifact
-
-    opened: list[Opened] = []
-    skipped: list[dict[str, str]] = []
-    try:
-        for art in rows:
-            try:
-                if art.backend not in BACKENDS:
-                    raise BackendUnavailable(f"this deploy has no runner for backend {art.backend!r} "
-                                             f"(it runs {', '.join(BACKENDS)})")
-                options = {"spinning": False} if for_timing and art.backend == "onnxruntime" else {}
-                runner, found = open_artifact(folder, manifest, art.backend, art.precision, threads, **options)
-            except BackendUnavailable as e:
-                skipped.append({"backend": art.backend, "precision": art.precision, "reason": str(e)})
-                log(f"skipped {row_key(art)}: {e}")
-                continue
-            if found is not art:
-                runner.close()
-                reason = f"the manifest lists {row_key(art)} more than once; only its first row ({found.path}) runs"
-                skipped.append({"backend": art.backend, "precision": art.precision, "reason": reason})
-                log(f"skipped {art.path}: {reason}")
-                continue
-            opened.append(Opened(row_key(art), runner, art))
-    except BaseException:
-        close_all(opened)
-        raise
-    return opened, skipped
-
-
-def close_all(opened: Sequence[Opened]) -> None:
-    for o in opened:
-        o.runner.close()
-
-
-def nothing_runs_error(rows: Sequence[Artifact], skipped: Sequence[dict[str, str]]) -> DeployError:
-    reasons = "; ".join(f"{s['backend']}/{s['precision']}: {s['reason']}" for s in skipped)
-    return DeployError(f"none of the {len(rows)} requested artifact(s) can run here ({reasons}); "
-                       f"run on a machine with that backend, or pick others with --backends.")
-
-
 # --------------------------------------------------------------------------- measurement
 
 
-def read_images(data: str | None, pp: Preprocess, samples: int | None, seed: int, show_progress: bool) -> ImageSet:
+def read_images(data: str | None, pp: Preprocess, samples: int | None, seed: int, console: Console) -> ImageSet:
     """The user's images (sampled to `samples`, seeded), or DEFAULT_SAMPLES crops of the embedded set."""
     if data is None:
         return default_images(samples or DEFAULT_SAMPLES, pp, seed=seed)
-    show = show_progress and Path(data).suffix.lower() != ".npy"
-    return load_images(data, pp, limit=samples, seed=seed, progress=_reading_progress if show else None)
-
-
-def _reading_progress(items):
-    from tqdm import tqdm
-
-    return tqdm(items, desc="reading images", unit="img", leave=False)
-
-
-def run_logits(o: Opened, x: np.ndarray, batch_size: int, show_progress: bool) -> np.ndarray:
-    """Logits of every image through one runner, in batches."""
-    if not show_progress:
-        return run_batched(o.runner, x, batch_size)
-    from tqdm import tqdm
-
-    from runtimes.base import INPUT_NAME, OUTPUT_NAME
-
-    starts = tqdm(range(0, len(x), batch_size), desc=o.key, unit="batch", leave=False)
-    return np.concatenate([o.runner.run({INPUT_NAME: x[i : i + batch_size]})[OUTPUT_NAME] for i in starts])
-
-
-def eager_noise_floor(model: "torch.nn.Module", x: np.ndarray, logits: np.ndarray, batch_size: int) -> float:
-    """The eager model's own fp32 rounding error (against float64) on x, computed batch by batch."""
-    from .pipeline import fp32_noise_floor
-
-    return max(fp32_noise_floor(model, x[i : i + batch_size], logits[i : i + batch_size])
-               for i in range(0, len(x), batch_size))
+    show = console.shows_progress and Path(data).suffix.lower() != ".npy"
+    track = (lambda items: console.track(items, "reading images", "img")) if show else None
+    return load_images(data, pp, limit=samples, seed=seed, progress=track)
 
 
 def measure_row(key: str, backend: str, precision: str, eager: np.ndarray, logits: np.ndarray,
-                labels: np.ndarray | None, seed: int) -> dict[str, Any]:
+                labels: np.ndarray | None, seed: int, reference: bool = False) -> dict[str, Any]:
     """Plain numbers for one runner against eager: drift, and with labels accuracy and paired tests."""
     row: dict[str, Any] = {"key": key, "backend": backend, "precision": precision}
     row.update(Drift.between(eager, logits).to_dict())
@@ -250,7 +128,7 @@ def measure_row(key: str, backend: str, precision: str, eager: np.ndarray, logit
     if labels is not None:
         top1, top5 = topk_correct(logits, labels, 1), topk_correct(logits, labels, 5)
         row["top1"], row["top5"] = float(top1.mean()), float(top5.mean())
-        if backend != "eager":
+        if not reference:
             e1, e5 = topk_correct(eager, labels, 1), topk_correct(eager, labels, 5)
             row["paired"] = {"top1": PairedComparison.of(e1, top1, seed=seed).to_dict(),
                              "top5": PairedComparison.of(e5, top5, seed=seed).to_dict()}
@@ -262,22 +140,22 @@ def _step(reference: str, candidate: str, logits: dict[str, np.ndarray]) -> dict
     return {"reference": reference, "candidate": candidate, **drift.to_dict()}
 
 
-def decompose(logits: dict[str, np.ndarray], opened: Sequence[Opened]) -> dict[str, Any]:
+def decompose(logits: dict[str, np.ndarray], opened: Sequence[Opened], reference_onnx: str) -> dict[str, Any]:
     """Split the drift into steps: export (ONNX FP32 vs eager), runtime (each backend's FP32 vs ONNX FP32),
     reduced precision (FP16/BF16 vs the same backend's FP32) and quantization (INT8 vs the same backend's FP32).
 
     Each step is a distance between two sets of logits; the steps do not add up to the end-to-end drift.
     """
     out: dict[str, Any] = {"export": [], "runtime": [], "reduced_precision": [], "quantization": [], "notes": []}
-    has_onnx = REFERENCE_ONNX in logits
+    has_onnx = reference_onnx in logits
     if has_onnx:
-        out["export"].append(_step("eager", REFERENCE_ONNX, logits))
+        out["export"].append(_step("eager", reference_onnx, logits))
     else:
-        out["notes"].append(f"export and runtime drift need the reference ONNX ({REFERENCE_ONNX}), which did not run")
+        out["notes"].append(f"export and runtime drift need the reference ONNX ({reference_onnx}), which did not run")
     for o in opened:
         same_backend_fp32 = f"{o.backend}/fp32"
-        if o.precision == "fp32" and o.key != REFERENCE_ONNX and has_onnx:
-            out["runtime"].append(_step(REFERENCE_ONNX, o.key, logits))
+        if o.precision == "fp32" and o.key != reference_onnx and has_onnx:
+            out["runtime"].append(_step(reference_onnx, o.key, logits))
         elif o.precision in REDUCED_PRECISIONS or o.precision == "int8":
             step = "quantization" if o.precision == "int8" else "reduced_precision"
             if same_backend_fp32 in logits:
@@ -348,7 +226,6 @@ class ValidateRequest:
     batch_size: int = 16
     seed: int = 0  # image sampling and the bootstrap
     allow_pickle: bool = False
-    shown_as: str | None = None  # the folder's name in reports, when it is validated before being renamed into place
 
 
 @dataclass
@@ -361,91 +238,99 @@ class Validation:
         return bool(self.document["passed"])
 
 
-def run_validation(req: ValidateRequest, log: Log = print, show_progress: bool = False) -> Validation:
-    """Measure, judge, and write DIR/validation.json and DIR/validation.md; the caller picks the exit code."""
-    folder = Path(req.folder)
-    manifest = Manifest.load(folder)
+def run_validation(req: ValidateRequest, console: Console = SILENT) -> Validation:
+    """`deploy validate DIR`: open the export from disk, read the images, and validate every selected row."""
+    manifest = Manifest.load(req.folder)
     rows = select_rows(manifest, req.backends)
-    pp = Preprocess.from_dict(manifest.preprocess)
     gates = Gates(req.max_top1_drop, req.min_agreement)
-    images = read_images(req.data, pp, req.samples, req.seed, show_progress)
-    labels = _checked_labels(images, manifest.num_classes, gates, log)
-    if not images.user_data:
-        log(f"note: validating on the {images.source}; these images have no labels, so accuracy is not measured, "
-            f"only agreement with eager. Pass --data DIR (class subfolders) for accuracy.")
-    elif labels is None:
-        log(f"note: {images.source} has no labels, so accuracy is not measured, only agreement with eager.")
-    if images.skipped:
-        log(f"note: skipped {len(images.skipped)} unreadable image(s), e.g. {images.skipped[0]}")
+    images = read_images(req.data, Preprocess.from_dict(manifest.preprocess), req.samples, req.seed, console)
+    _require_labels(images, gates)  # before the model is rebuilt
+    export = open_export(req.folder, allow_pickle=req.allow_pickle, console=console)
+    return validate_export(export, rows, images, gates, console, threads=req.threads, batch_size=req.batch_size,
+                           seed=req.seed)
 
-    model, eager = open_eager(manifest, req.threads, req.allow_pickle, log)
-    opened, skipped = open_rows(folder, manifest, rows, req.threads, log)
+
+def validate_export(export: ExportHandle, rows: Sequence[Artifact], images: ImageSet, gates: Gates, console: Console,
+                    *, threads: int | None = None, batch_size: int = 16, seed: int = 0) -> Validation:
+    """Measure eager and every row on the same images, judge, and write validation.json and validation.md into the
+    export's folder; the caller picks the exit code."""
+    manifest = export.manifest
+    labels = _checked_labels(images, manifest.num_classes, gates, console)
+    if not images.user_data:
+        console(f"note: validating on the {images.source}; these images have no labels, so accuracy is not "
+                f"measured, only agreement with eager. Pass --data DIR (class subfolders) for accuracy.")
+    elif labels is None:
+        console(f"note: {images.source} has no labels, so accuracy is not measured, only agreement with eager.")
+    if images.skipped:
+        console(f"note: skipped {len(images.skipped)} unreadable image(s), e.g. {images.skipped[0]}")
+
+    options = RunnerOptions(threads=threads)
+    eager = export.eager_runner(options)
+    opened, skipped = open_rows(export.folder, rows, options, console)
     try:
         if not opened and rows:
             raise nothing_runs_error(rows, skipped)
         x = images.images
-        log(f"validate: {len(x)} images through eager and {len(opened)} artifact(s)")
-        logits = {"eager": run_logits(eager, x, req.batch_size, show_progress)}
-        floor = eager_noise_floor(model, x, logits["eager"], req.batch_size)
-        for o in opened:
-            logits[o.key] = run_logits(o, x, req.batch_size, show_progress)
+        console(f"validate: {len(x)} images through eager and {len(opened)} artifact(s)")
+        runners = {o.key: o.runner for o in (eager, *opened)}
+        logits = run_all(runners, x, batch_size, track=lambda s: console.track(s, "validate", "batch"))
+        floor = fp32_noise_floor(export.model, x, logits[eager.key], batch_size)
     finally:
         close_all([eager, *opened])
 
-    measured = [measure_row("eager", "eager", "fp32", logits["eager"], logits["eager"], labels, req.seed)]
-    measured += [measure_row(o.key, o.backend, o.precision, logits["eager"], logits[o.key], labels, req.seed)
-                 for o in opened]
+    measured = [measure_row(o.key, o.backend, o.precision, logits[eager.key], logits[o.key], labels, seed,
+                            reference=o is eager) for o in (eager, *opened)]
     for row, o in zip(measured, [eager, *opened]):
         row["runner"] = o.runner.name
         row["path"] = o.artifact.path if o.artifact else None
+        row["scheme"] = o.artifact.scheme if o.artifact else None
+        row["target"] = o.artifact.target if o.artifact else None
 
     report = Report(title=f"{manifest.variant} validation")
     eager_row = measured[0]
     eager_row.update(role="reference", noise_floor=floor, failures=[], passed=True)
     for row in measured[1:]:
         judge_row(row, eager_row["top1"], floor, gates, report)
-    report.section("export", {"folder": req.shown_as or str(folder), "variant": manifest.variant, "input_size": manifest.input_size,
-                              "num_classes": manifest.num_classes, "checkpoint_sha256": manifest.checkpoint_sha256})
+    report.section("export", {"folder": str(export.shown_as), "variant": manifest.variant,
+                              "input_size": manifest.input_size, "num_classes": manifest.num_classes,
+                              "checkpoint_sha256": manifest.checkpoint_sha256})
     report.section("data", {"source": images.source, "samples": len(images), "labelled": labels is not None,
                             "user_data": images.user_data, "class_names": images.class_names,
-                            "skipped_images": len(images.skipped), "seed": req.seed})
+                            "skipped_images": len(images.skipped), "seed": seed})
     report.section("artifacts", measured)
-    report.section("decomposition", decompose(logits, opened))
+    report.section("decomposition", decompose(logits, opened, manifest.reference().key))
     report.section("skipped", skipped)
     report.section("not_exported", manifest.skipped)
     report.section("settings", {"gates": gates.to_dict(), "tolerances": {p: t.to_dict() for p, t in TOLERANCES.items()},
-                                "noise_floor": floor, "threads": req.threads, "batch_size": req.batch_size,
+                                "noise_floor": floor, "threads": threads, "batch_size": batch_size,
                                 "bootstrap_resamples": BOOTSTRAP_RESAMPLES})
-    report.environment = machine_fingerprint()
-
-    doc = report.to_dict()
-    doc.pop("manifest")
-    doc.update(doc.pop("sections"))
-    doc["failures"] = report.failures
-    doc["environment"] = doc.pop("environment")  # keep the long environment last
+    doc = report.to_document()
     markdown = validation_markdown(doc)
-    atomic_write_json(folder / "validation.json", doc, force=True)
-    atomic_write_text(folder / "validation.md", markdown, force=True)
-    shown = Path(req.shown_as) if req.shown_as else folder
-    log(f"wrote {shown / 'validation.json'} and {shown / 'validation.md'}")
+    atomic_write_json(export.folder / VALIDATION[0], doc, force=True)
+    atomic_write_text(export.folder / VALIDATION[1], markdown, force=True)
+    console(f"wrote {export.shown_as / VALIDATION[0]} and {export.shown_as / VALIDATION[1]}")
     if report.failed:
-        log(f"validation failed: {'; '.join(report.failures)}")
+        console(f"validation failed: {'; '.join(report.failures)}")
     return Validation(doc, markdown)
 
 
-def _checked_labels(images: ImageSet, num_classes: int, gates: Gates, log: Log) -> np.ndarray | None:
+def _require_labels(images: ImageSet, gates: Gates) -> None:
+    if images.labels is None and gates.max_top1_drop is not None:
+        raise UsageError(f"--max-top1-drop needs labelled images, but the data ({images.source}) has none; pass "
+                         f"--data DIR with one subfolder per class, or a .txt list of 'path label' lines.")
+
+
+def _checked_labels(images: ImageSet, num_classes: int, gates: Gates, console: Console) -> np.ndarray | None:
+    _require_labels(images, gates)
     labels = images.labels
     if labels is None:
-        if gates.max_top1_drop is not None:
-            raise UsageError(f"--max-top1-drop needs labelled images, but the data ({images.source}) has none; pass "
-                             f"--data DIR with one subfolder per class, or a .txt list of 'path label' lines.")
         return None
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise UsageError(f"the data has label {int(labels.max() if labels.max() >= num_classes else labels.min())}, "
                          f"but the model has {num_classes} classes (0..{num_classes - 1}); check the data's labels.")
     names = images.class_names
     if names is not None and len(names) != num_classes:
-        log(f"note: {len(names)} class subfolders for a {num_classes}-class model; labels are the subfolders' "
+        console(f"note: {len(names)} class subfolders for a {num_classes}-class model; labels are the subfolders' "
             f"positions in sorted order (torchvision ImageFolder), so accuracy means something only if subfolder i "
             f"is class i.")
     return labels
@@ -481,7 +366,7 @@ def _table(doc: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]
     rows = []
     for r in doc["artifacts"]:
         accuracy = (_pct(r["top1"]), _pct(r["top5"]), *_paired_cells(r)) if labelled else ()
-        result = "reference" if r["backend"] == "eager" else ("pass" if r["passed"] else "FAIL")
+        result = "reference" if r.get("role") == "reference" else ("pass" if r["passed"] else "FAIL")
         rows.append((r["backend"], r["precision"], *accuracy, f"{r['top1_agreement']:.4f}", f"{r['top5_overlap']:.4f}",
                      _num(r["max_abs_logit_error"]), f"{r['cosine_similarity']:.6f}", _num(r["mean_kl"]), result))
     return head, rows

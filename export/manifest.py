@@ -1,7 +1,6 @@
 """manifest.json: what an export folder holds, and the metadata each artifact carries."""
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from dataclasses import asdict, dataclass, field
@@ -9,13 +8,26 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from partialnet.checkpoint import file_sha256
-from partialnet.errors import DeployError
+from partialnet.errors import DeployError, UsageError
+from partialnet.files import atomic_write_json, file_sha256
 
-from partialnet.files import atomic_write_json
+from .layout import MANIFEST, REFERENCE_ONNX
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+# 2: precision is only fp32/fp16/bf16/int8; how an int8 file is quantized (`scheme`) and the runtime it is meant
+# for (`target`) are fields of their own. Version 1 folders are upgraded when loaded (`upgrade`).
+FORMAT_VERSION = 2
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# How an int8 artifact is quantized.
+SCHEMES = {
+    "qdq": "QDQ for a CPU runtime: uint8 activations, per-channel int8 weights (onnxruntime.quantization)",
+    "qdq-symmetric": "explicit Q/DQ, symmetric int8 with zero points 0 (TensorRT's explicit quantization)",
+    "nncf": "NNCF post-training quantization (OpenVINO FakeQuantize)",
+    "entropy": "TensorRT's implicit INT8 with its entropy calibrator",
+}
+# Schemes that are an alternative to a backend's main int8 artifact: their rows are keyed apart.
+ALTERNATIVE_SCHEMES = ("entropy",)
+# What version 1 wrote as a precision, and what it means now.
+V1_PRECISIONS = {"int8-qdq": ("int8", "qdq-symmetric"), "int8-entropy": ("int8", "entropy")}
 TOOL_PACKAGES = ("partialnet-deploy", "torch", "onnx", "onnxruntime", "onnxsim", "openvino", "nncf", "numpy", "tensorrt")
 
 
@@ -32,17 +44,92 @@ def tool_versions() -> dict[str, str]:
 
 @dataclass
 class Artifact:
-    backend: str
-    precision: str
+    """One file an export holds: the runtime that runs it here, its arithmetic, and what it is for."""
+
+    backend: str  # the runtime that runs (and checks) it here
+    precision: str  # fp32, fp16, bf16 or int8
     path: str  # relative to the export folder
     sha256: str
     bytes: int
+    scheme: str | None = None  # int8 only: one of SCHEMES
+    target: str | None = None  # the runtime it is meant for, when not `backend` (the TensorRT Q/DQ ONNX)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, folder: Path, rel: str, backend: str, precision: str, **extra: Any) -> "Artifact":
+    def of(cls, folder: Path, rel: str, backend: str, precision: str, *, scheme: str | None = None,
+           target: str | None = None, **extra: Any) -> "Artifact":
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if scheme is not None and scheme not in SCHEMES:
+            raise ValueError(f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
         path = folder / rel
-        return cls(backend, precision, rel, file_sha256(path), path.stat().st_size, extra)
+        return cls(backend, precision, rel, file_sha256(path), path.stat().st_size, scheme,
+                   None if target == backend else target, extra)
+
+    @property
+    def key(self) -> str:
+        """Unique within a manifest: `openvino/int8`, `onnxruntime/int8@tensorrt`, `tensorrt/int8+entropy`."""
+        key = f"{self.backend}/{self.precision}"
+        if self.target:
+            key += f"@{self.target}"
+        if self.scheme in ALTERNATIVE_SCHEMES:
+            key += f"+{self.scheme}"
+        return key
+
+    @property
+    def files(self) -> list[tuple[str, str | None]]:
+        """(path, recorded sha256) of every file the artifact needs (an OpenVINO IR has its weights beside it)."""
+        out = [(self.path, self.sha256)]
+        if "weights" in self.extra:
+            out.append((self.extra["weights"], self.extra.get("weights_sha256")))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"backend": self.backend, "precision": self.precision, "path": self.path, "sha256": self.sha256,
+             "bytes": self.bytes, "scheme": self.scheme, "target": self.target}
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Artifact":
+        known = {"backend", "precision", "path", "sha256", "bytes", "scheme", "target"}
+        return cls(d["backend"], d["precision"], d["path"], d["sha256"], d.get("bytes", 0), d.get("scheme"),
+                   d.get("target"), {k: v for k, v in d.items() if k not in known})
+
+
+def parse_precision(text: str) -> tuple[str, str | None, str | None]:
+    """`--precision` as (precision, target, scheme): `int8`, `int8@tensorrt`, `int8+entropy`, or a version 1
+    name (`int8-qdq`, `int8-entropy`)."""
+    if text in V1_PRECISIONS:
+        precision, scheme = V1_PRECISIONS[text]
+        return precision, "tensorrt" if scheme == "qdq-symmetric" else None, scheme
+    rest, _, scheme = text.partition("+")
+    precision, _, target = rest.partition("@")
+    if precision not in PRECISIONS or (scheme and scheme not in SCHEMES):
+        raise UsageError(f"precision {text!r} is not one of {', '.join(PRECISIONS)} (optionally @TARGET or +SCHEME, "
+                         f"e.g. int8@tensorrt, int8+entropy).")
+    return precision, target or None, scheme or None
+
+
+def upgrade(d: dict[str, Any]) -> dict[str, Any]:
+    """A manifest dict of any earlier format version, as the current version (the input is not changed)."""
+    d = json.loads(json.dumps(d))
+    version = d.get("format_version", 1)
+    if version > FORMAT_VERSION:
+        raise DeployError(f"the manifest has format version {version}, newer than this deploy reads "
+                          f"({FORMAT_VERSION}); upgrade partialnet-deploy.")
+    if version == 1:
+        for a in d.get("artifacts", []):
+            precision, scheme = V1_PRECISIONS.get(a["precision"], (a["precision"], None))
+            if precision == "int8" and scheme is None:
+                # Version 1 wrote the quantizer's facts into the row: NNCF's mode, or the Q/DQ node counts.
+                scheme = "nncf" if "nncf_mode" in a else ("qdq-symmetric" if "source" in a else "qdq")
+            a["precision"], a["scheme"] = precision, scheme
+            a["target"] = a.pop("target_backend", None)
+        for s in d.get("skipped", []):
+            s["precision"] = V1_PRECISIONS.get(s["precision"], (s["precision"], None))[0]
+        d["format_version"] = FORMAT_VERSION
+    return d
 
 
 @dataclass
@@ -60,23 +147,37 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def find(self, backend: str, precision: str | None = None) -> Artifact:
-        matches = [a for a in self.artifacts if a.backend == backend and (precision is None or a.precision == precision)]
+        """The artifact `deploy predict --backend B --precision P` means; `precision` as `parse_precision` reads it.
+
+        Without a precision, fp32. Among several rows of one backend and precision, the one meant for that backend
+        (not the TensorRT Q/DQ ONNX that onnxruntime also runs) and not an alternative scheme.
+        """
+        want_precision, target, scheme = parse_precision(precision or "fp32")
+        matches = [a for a in self.artifacts if a.backend == backend and a.precision == want_precision
+                   and a.target == target and (a.scheme == scheme if scheme else a.scheme not in ALTERNATIVE_SCHEMES)]
+        if not matches and precision is None:
+            matches = [a for a in self.artifacts if a.backend == backend and a.target is None]
         if not matches:
-            have = ", ".join(f"{a.backend}/{a.precision}" for a in self.artifacts) or "none"
+            have = ", ".join(a.key for a in self.artifacts) or "none"
             want = backend + (f"/{precision}" if precision else "")
             skipped = [s for s in self.skipped if s["backend"] == backend]
             why = f" It was skipped at export: {skipped[0]['reason']}" if skipped else ""
             raise DeployError(f"the export has no {want} artifact (it has: {have}).{why}")
-        if precision is None and len(matches) > 1:
-            fp32 = [a for a in matches if a.precision == "fp32"]
-            return fp32[0] if fp32 else matches[0]
         return matches[0]
+
+    def reference(self) -> Artifact:
+        """The reparameterized FP32 ONNX every other artifact was built from."""
+        for a in self.artifacts:
+            if a.path == REFERENCE_ONNX:
+                return a
+        raise DeployError(f"the manifest lists no {REFERENCE_ONNX}; re-export with `deploy export --force`.")
+
+    def skip(self, backend: str, precision: str, reason: str) -> None:
+        self.skipped.append({"backend": backend, "precision": precision, "reason": reason})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for a in d["artifacts"]:
-            extra = a.pop("extra")
-            a.update(extra)
+        d["artifacts"] = [a.to_dict() for a in self.artifacts]
         return d
 
     def save(self, folder: Path) -> None:
@@ -90,12 +191,10 @@ class Manifest:
         if not path.is_file():
             raise DeployError(f"{folder} has no {MANIFEST}; it is not an export folder made by 'deploy export'.")
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-            known = {"backend", "precision", "path", "sha256", "bytes"}
-            arts = [Artifact(a["backend"], a["precision"], a["path"], a["sha256"], a.get("bytes", 0),
-                             {k: v for k, v in a.items() if k not in known}) for a in d.pop("artifacts")]
+            d = upgrade(json.loads(path.read_text(encoding="utf-8")))
+            arts = [Artifact.from_dict(a) for a in d.pop("artifacts")]
             return cls(artifacts=arts, **d)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise DeployError(f"{path} is not a valid manifest ({type(e).__name__}: {e}); re-run 'deploy export --force'.") from e
 
 
@@ -111,12 +210,3 @@ def metadata_props(m: Manifest, precision: str) -> dict[str, str]:
         "partialnet.architecture": json.dumps(m.architecture, sort_keys=True),
         "partialnet.tool_versions": json.dumps(m.tool_versions, sort_keys=True),
     }
-
-
-def digest(*parts: bytes | str) -> str:
-    """A short stable hash of several inputs (cache keys)."""
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode() if isinstance(p, str) else p)
-        h.update(b"\0")
-    return h.hexdigest()

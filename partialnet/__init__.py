@@ -1,21 +1,27 @@
-"""The PartialNet model family: variants, blocks, checkpoint loading and the preprocessing contract."""
-from .build import LoadedModel, build_model, variant_config
-from .errors import CheckpointError, DeployError, ImageError, UsageError
-from .model import ArchConfig, PartialNet
-from .variants import VARIANTS, Preprocess, Variant, get_variant
+"""The PartialNet model family: variants, blocks, checkpoint loading and the preprocessing contract.
 
-__all__ = [
-    "ArchConfig",
-    "CheckpointError",
-    "DeployError",
-    "ImageError",
-    "LoadedModel",
-    "PartialNet",
-    "Preprocess",
-    "UsageError",
-    "VARIANTS",
-    "Variant",
-    "build_model",
-    "get_variant",
-    "variant_config",
-]
+Names are resolved on first use (PEP 562), so importing `partialnet.errors` or `partialnet.variants` does not
+load torch: `deploy --help` starts without it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "LoadedModel": "build", "build_model": "build", "variant_config": "config",
+    "CheckpointError": "errors", "DeployError": "errors", "ExitStatus": "errors", "ImageError": "errors",
+    "UsageError": "errors",
+    "ArchConfig": "config", "PartialNet": "model",
+    "VARIANTS": "variants", "Preprocess": "variants", "Variant": "variants", "get_variant": "variants",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'partialnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value

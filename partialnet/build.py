@@ -18,7 +18,8 @@ from .checkpoint import (
     read_checkpoint,
 )
 from .errors import CheckpointError
-from .model import ArchConfig, PartialNet
+from .config import ArchConfig, variant_config
+from .model import PartialNet
 from .variants import Variant, get_variant, variant_for_shape
 
 
@@ -53,19 +54,6 @@ def init_weights(model: nn.Module, seed: int = 0) -> None:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen).clamp_(-2, 2) / fan_in**0.5)
                 if m.bias is not None:
                     m.bias.zero_()
-
-
-def variant_config(variant: Variant, **overrides) -> ArchConfig:
-    """The table's architecture for a variant, with optional field overrides (None means keep)."""
-    cfg = ArchConfig(
-        embed_dim=variant.embed_dim,
-        depths=variant.depths,
-        act=variant.act,
-        spatial_attn=variant.spatial_attn,
-        num_heads=variant.num_heads,
-        num_classes=variant.num_classes,
-    )
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _mismatch_hint(cfg: ArchConfig, ck_sd: dict, forced_sp: bool | None) -> str:

@@ -6,7 +6,6 @@ Nothing here runs pickled code unless the caller passes `allow_pickle=True`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -19,7 +18,8 @@ from typing import Any, Mapping
 import torch
 
 from .errors import CheckpointError
-from .model import ArchConfig
+from .files import file_sha256
+from .config import ArchConfig
 
 PREFIXES = ("module.", "_orig_mod.")
 LIGHTNING_PREFIX = "model."
@@ -55,14 +55,6 @@ class Checkpoint:
     sha256: str
     ignored_keys: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _torch_load(path: Path, allow_pickle: bool) -> Any:

@@ -1,17 +1,29 @@
-"""Error types shared by every layer; each carries the exit code the CLI returns for it."""
+"""Error types shared by every layer; each carries the exit status the CLI returns for it."""
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitStatus(IntEnum):
+    """What `deploy` returns: the README documents these numbers, and tests and scripts rely on them."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    GATE_FAILED = 3  # a validation gate failed: the artifacts exist, but do not meet a tolerance
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
 class DeployError(Exception):
     """A failure the user can act on: the message says what went wrong and what to do."""
 
-    exit_code = 1
+    exit_code: ExitStatus = ExitStatus.FAILURE
 
 
 class UsageError(DeployError):
     """The command line asked for something that cannot be done as stated."""
 
-    exit_code = 2
+    exit_code = ExitStatus.USAGE
 
 
 class CheckpointError(DeployError):

@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 ALPHA, BETA, GAMMA = 20.0, 40.0, 160.0
 NUM_BUCKETS = 2 * int(BETA) + 1  # 81
@@ -36,6 +40,8 @@ def _bucket_ids(height: int, width: int) -> np.ndarray:
     return ids
 
 
-def bucket_ids(height: int, width: int) -> torch.Tensor:
+def bucket_ids(height: int, width: int) -> "torch.Tensor":
     """Bucket id for every (query, key) token pair of a height x width map, row-major tokens; shape [N, N]."""
+    import torch
+
     return torch.from_numpy(_bucket_ids(height, width).copy())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from partialnet.checkpoint import file_sha256
+from partialnet.files import file_sha256
 from partialnet.errors import DeployError
 
 REEXPORT_HINT = "re-export it with `deploy export --force`"

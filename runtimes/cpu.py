@@ -3,10 +3,8 @@ saturate here.
 
 x86 CPUs without VNNI (or AMX) multiply uint8 activations by int8 weights with VPMADDUBSW, which adds each pair of
 neighbouring products in *saturating* 16-bit arithmetic: 2 x 255 x 127 = 64770 is clamped to 32767. ONNX Runtime's
-and OpenVINO's default int8 kernels both take that path on such CPUs. The error is not rounding noise: on a
-freshly built T0 at 224 px (AMD EPYC Zen 2, AVX2, no VNNI) ONNX Runtime INT8 agreed with FP32 on 56% of the
-embedded images and OpenVINO INT8 on 78%; on the digits fixture ONNX Runtime INT8 fell from 99.1% to 79.3% top-1.
-VNNI's VPDPBUSD accumulates in 32 bits and AMX likewise, so those CPUs are exact.
+and OpenVINO's default int8 kernels both take that path on such CPUs, and the error is far beyond rounding noise
+(benchmarks/DECISIONS.md has the measurements). VNNI's VPDPBUSD accumulates in 32 bits and AMX likewise.
 """
 from __future__ import annotations
 

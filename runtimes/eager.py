@@ -1,7 +1,8 @@
 """The PyTorch model itself: the reference every other backend is compared against."""
 from __future__ import annotations
 
-from typing import Mapping
+import copy
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ class EagerRunner:
         self.name = f"eager:{device}:fp32"
         self.inputs = [TensorSpec(INPUT_NAME, "float32", (None, 3, input_size, input_size))]
         self.outputs = [TensorSpec(OUTPUT_NAME, "float32", (None, n_cls))]
+        self.options: dict[str, Any] = {"threads": torch.get_num_threads(), "device": device}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.inputs, feeds, multiple_of=32)
@@ -32,3 +34,17 @@ class EagerRunner:
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
+
+
+def fp32_noise_floor(model: torch.nn.Module, x: np.ndarray, fp32_logits: np.ndarray, batch_size: int = 16) -> float:
+    """Max |logit| difference between the model in fp32 (`fp32_logits` on x) and in float64: its own rounding error.
+
+    Any reordering of the arithmetic, exact in real numbers, moves the logits by about this much.
+    """
+    m64 = copy.deepcopy(model).double()
+    worst = 0.0
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            ref64 = m64(torch.from_numpy(x[i : i + batch_size]).double()).numpy()
+            worst = max(worst, float(np.abs(fp32_logits[i : i + batch_size].astype(np.float64) - ref64).max()))
+    return worst

@@ -15,8 +15,7 @@ from .cpu import int8_dot_saturates
 GraphOptimization = Literal["all", "extended", "basic", "disabled"]
 Device = Literal["cpu", "cuda"]
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
-INT8_PRECISIONS = ("int8", "int8-qdq")
+PRECISIONS = ("fp32", "fp16", "int8")
 # ONNX Runtime's switch from U8S8 to U8U8 int8 kernels (kOrtSessionOptionsAvx2PrecisionMode); see runtimes.cpu.
 EXACT_INT8_KEY = "session.x64quantprecision"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -90,7 +89,7 @@ class OrtRunner:
         if not spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if exact_int8 is None:
-            exact_int8 = precision in INT8_PRECISIONS and device == "cpu" and int8_dot_saturates()
+            exact_int8 = precision == "int8" and device == "cpu" and int8_dot_saturates()
         if exact_int8:
             so.add_session_config_entry(EXACT_INT8_KEY, "1")
         so.log_severity_level = 3  # errors only: warnings go to stderr unasked and say nothing actionable here

@@ -14,6 +14,7 @@ import shlex
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, Mapping
@@ -131,37 +132,57 @@ def _make_logger(trt: ModuleType) -> Any:
 # --------------------------------------------------------------------------------------------------------
 
 
-def build_engine(
-    onnx_path: str | Path,
-    plan_dest: str | Path,
-    *,
-    precision: Precision,
-    input_size: int,
-    min_batch: int = 1,
-    opt_batch: int = 1,
-    max_batch: int = 32,
-    timing_cache: Path | None = None,
-    workspace_gb: float = 4,
-    force: bool = False,
-    calibrator: Any = None,
-) -> dict[str, Any]:
-    """Build a serialized engine for batches min..max at input_size and write it atomically; returns build info.
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine is built for: its precision, input size, batch range and build resources."""
+
+    precision: Precision
+    input_size: int
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 32
+    timing_cache: Path | None = None
+    workspace_gb: float = 4
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"tensorrt precision {self.precision!r} is not one of {', '.join(PRECISIONS)}.")
+        if self.input_size < 1:
+            raise UsageError(f"input_size must be positive, got {self.input_size}.")
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise UsageError(
+                f"batch range min {self.min_batch}, opt {self.opt_batch}, max {self.max_batch} is invalid; "
+                f"it needs 1 <= min <= opt <= max."
+            )
+        if self.workspace_gb <= 0:
+            raise UsageError(f"workspace_gb must be positive, got {self.workspace_gb}.")
+
+    @property
+    def strongly_typed(self) -> bool:
+        return self.precision == "int8"
+
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        one = (3, self.input_size, self.input_size)
+        return (self.min_batch, *one), (self.opt_batch, *one), (self.max_batch, *one)
+
+
+def build_engine(onnx_path: str | Path, plan_dest: str | Path, spec: EngineSpec, *, force: bool = False,
+                 calibrator: Any = None) -> dict[str, Any]:
+    """Build a serialized engine for `spec` and write it atomically; returns build info.
 
     fp32 and fp16 start from a float ONNX (fp16 lets TensorRT 10 choose FP16 kernels); int8 starts from an
     explicit Q/DQ ONNX parsed as a strongly typed network, so the quantization is exactly the calibrated one.
     TF32 is switched off: layers left in FP32 compute in FP32, as on the other backends.
     """
     trt = require_tensorrt()
-    _check_build_args(precision, input_size, min_batch, opt_batch, max_batch, workspace_gb)
     onnx_path = require_file(onnx_path, "ONNX file")
     plan_dest = Path(plan_dest)
     if plan_dest.exists() and not force:
         raise UsageError(f"{plan_dest} exists; pass --force to overwrite it.")
-    _check_quantization_matches(onnx_path, precision)
-    if (precision == "int8-entropy") != (calibrator is not None):
+    _check_quantization_matches(onnx_path, spec.precision)
+    if (spec.precision == "int8-entropy") != (calibrator is not None):
         raise UsageError("an int8-entropy engine needs a calibrator (calibration.trt_calibrator), and only it takes one.")
-    strongly_typed = precision == "int8"
-    if precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16"):
+    if spec.precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16"):
         raise EngineBuildError(
             f"TensorRT {trt.__version__} removed weakly typed FP16 builds (BuilderFlag.FP16), so an fp16 engine "
             f"needs an fp16 ONNX (python -m modelopt.onnx.autocast); build fp32 or int8 here, or use TensorRT 10."
@@ -170,8 +191,37 @@ def build_engine(
     started = time.perf_counter()
     logger = _make_logger(trt)
     builder = trt.Builder(logger)
+    network, _parser = _parse(trt, builder, logger, onnx_path, spec)
+    config = _builder_config(trt, builder, network, onnx_path, spec, calibrator)
+    cache = _attach_timing_cache(config, spec.timing_cache)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(
+            f"TensorRT {trt.__version__} could not build an engine from {onnx_path} ({logger.last_error()}); "
+            f"see the [TensorRT] lines above, or try a larger workspace_gb."
+        )
+    atomic_write_bytes(plan_dest, memoryview(serialized), force=force)
+    if cache is not None and spec.timing_cache is not None:
+        atomic_write_bytes(spec.timing_cache, memoryview(config.get_timing_cache().serialize()), force=True)
+
+    return {
+        "tensorrt": str(trt.__version__),
+        "gpu": _gpu_name(),
+        "engine_precision": spec.precision,
+        "strongly_typed": spec.strongly_typed,
+        "tf32": False,
+        "input_size": spec.input_size,
+        "batch": {"min": spec.min_batch, "opt": spec.opt_batch, "max": spec.max_batch},
+        "workspace_gb": spec.workspace_gb,
+        "timing_cache": str(spec.timing_cache) if spec.timing_cache is not None else None,
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _parse(trt: ModuleType, builder: Any, logger: Any, onnx_path: Path, spec: EngineSpec) -> tuple[Any, Any]:
+    """The parsed network, and its parser: the network uses the parser's weights, so both live until the build."""
     # TensorRT 10+ networks are always explicit-batch; the only creation flag left to choose is strong typing.
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if spec.strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -180,10 +230,14 @@ def build_engine(
             f"TensorRT {trt.__version__}'s ONNX parser rejected {onnx_path} ({len(errors)} error(s), first: "
             f"{errors[0].splitlines()[0] if errors else logger.last_error()}); re-export it with a supported opset."
         )
+    return network, parser
 
+
+def _builder_config(trt: ModuleType, builder: Any, network: Any, onnx_path: Path, spec: EngineSpec,
+                    calibrator: Any) -> Any:
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision == "fp16":
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.workspace_gb * (1 << 30)))
+    if spec.precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
     if calibrator is not None:
         config.set_flag(trt.BuilderFlag.INT8)
@@ -192,67 +246,32 @@ def build_engine(
         config.clear_flag(trt.BuilderFlag.TF32)
 
     profile = builder.create_optimization_profile()
+    lo, opt, hi = spec.shapes()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        expected = (3, input_size, input_size)
-        if tuple(tensor.shape)[1:] != expected:
+        if tuple(tensor.shape)[1:] != lo[1:]:
             raise EngineBuildError(
-                f"{onnx_path} input {tensor.name!r} has shape {list(tensor.shape)} but input_size {input_size} "
-                f"needs [batch, 3, {input_size}, {input_size}]; export the ONNX at that size or pass its size."
+                f"{onnx_path} input {tensor.name!r} has shape {list(tensor.shape)} but input_size {spec.input_size} "
+                f"needs [batch, 3, {spec.input_size}, {spec.input_size}]; export the ONNX at that size or pass its size."
             )
-        profile.set_shape(tensor.name, (min_batch, *expected), (opt_batch, *expected), (max_batch, *expected))
+        profile.set_shape(tensor.name, lo, opt, hi)
     config.add_optimization_profile(profile)
     if calibrator is not None:
         config.set_calibration_profile(profile)
+    return config
 
-    cache = None
-    if timing_cache is not None:
-        timing_cache = Path(timing_cache)
-        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-        if not config.set_timing_cache(cache, ignore_mismatch=False):
-            raise EngineBuildError(
-                f"timing cache {timing_cache} was made by another TensorRT version or GPU and was rejected; delete "
-                f"it (it is only a build-speed cache) and build again."
-            )
 
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
+def _attach_timing_cache(config: Any, timing_cache: Path | None) -> Any:
+    if timing_cache is None:
+        return None
+    timing_cache = Path(timing_cache)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
         raise EngineBuildError(
-            f"TensorRT {trt.__version__} could not build an engine from {onnx_path} ({logger.last_error()}); "
-            f"see the [TensorRT] lines above, or try a larger workspace_gb."
+            f"timing cache {timing_cache} was made by another TensorRT version or GPU and was rejected; delete "
+            f"it (it is only a build-speed cache) and build again."
         )
-    atomic_write_bytes(plan_dest, memoryview(serialized), force=force)
-    if cache is not None:
-        atomic_write_bytes(timing_cache, memoryview(config.get_timing_cache().serialize()), force=True)
-
-    return {
-        "tensorrt": str(trt.__version__),
-        "gpu": _gpu_name(),
-        "precision": precision,
-        "strongly_typed": strongly_typed,
-        "tf32": False,
-        "input_size": input_size,
-        "batch": {"min": min_batch, "opt": opt_batch, "max": max_batch},
-        "workspace_gb": workspace_gb,
-        "timing_cache": str(timing_cache) if timing_cache is not None else None,
-        "build_seconds": round(time.perf_counter() - started, 1),
-    }
-
-
-def _check_build_args(
-    precision: str, input_size: int, min_batch: int, opt_batch: int, max_batch: int, workspace_gb: float
-) -> None:
-    if precision not in PRECISIONS:
-        raise UsageError(f"tensorrt precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
-    if input_size < 1:
-        raise UsageError(f"input_size must be positive, got {input_size}.")
-    if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise UsageError(
-            f"batch range min {min_batch}, opt {opt_batch}, max {max_batch} is invalid; "
-            f"it needs 1 <= min <= opt <= max."
-        )
-    if workspace_gb <= 0:
-        raise UsageError(f"workspace_gb must be positive, got {workspace_gb}.")
+    return cache
 
 
 def _check_quantization_matches(onnx_path: Path, precision: str) -> None:
@@ -368,47 +387,36 @@ def _spec(trt: ModuleType, engine: Any, name: str) -> TensorSpec:
 # --------------------------------------------------------------------------------------------------------
 
 
-def write_build_script(
-    dest: str | Path,
-    onnx_rel: str,
-    plan_rel: str,
-    precision: Precision,
-    input_size: int,
-    min_batch: int,
-    opt_batch: int,
-    max_batch: int,
-    *,
-    timing_cache_rel: str = "timing.cache",
-    workspace_gb: float = 4,
-    force: bool = False,
-) -> Path:
+def write_build_script(dest: str | Path, onnx_rel: str, plan_rel: str, spec: EngineSpec, *,
+                       timing_cache_rel: str = "timing.cache", force: bool = False) -> Path:
     """Write an executable build.sh that rebuilds the engine with `trtexec`, equivalent to build_engine.
 
     Needs no TensorRT here: the script is for the machine that will run the engine. Paths are relative to the
     script's folder.
     """
-    _check_build_args(precision, input_size, min_batch, opt_batch, max_batch, workspace_gb)
-    dims = f"3x{input_size}x{input_size}"
+    if spec.precision == "int8-entropy":
+        raise UsageError("trtexec cannot run the entropy calibrator; build the int8 engine from the Q/DQ ONNX.")
+    dims = f"3x{spec.input_size}x{spec.input_size}"
     args = [
         "trtexec",
         f"--onnx={onnx_rel}",
         f"--saveEngine={plan_rel}",
-        f"--minShapes={INPUT_NAME}:{min_batch}x{dims}",
-        f"--optShapes={INPUT_NAME}:{opt_batch}x{dims}",
-        f"--maxShapes={INPUT_NAME}:{max_batch}x{dims}",
-        {"fp32": None, "fp16": "--fp16", "int8": "--stronglyTyped"}[precision],
+        f"--minShapes={INPUT_NAME}:{spec.min_batch}x{dims}",
+        f"--optShapes={INPUT_NAME}:{spec.opt_batch}x{dims}",
+        f"--maxShapes={INPUT_NAME}:{spec.max_batch}x{dims}",
+        {"fp32": None, "fp16": "--fp16", "int8": "--stronglyTyped"}[spec.precision],
         "--noTF32",
-        f"--memPoolSize=workspace:{int(workspace_gb * 1024)}",
+        f"--memPoolSize=workspace:{int(spec.workspace_gb * 1024)}",
         f"--timingCacheFile={timing_cache_rel}",
     ]
     command = " \\\n    ".join(shlex.quote(a) for a in args if a is not None)
     text = (
         "#!/usr/bin/env bash\n"
-        f"# Rebuilds {plan_rel} ({precision}, batch {min_batch}..{max_batch}, {input_size}x{input_size}) from "
-        f"{onnx_rel}\n"
+        f"# Rebuilds {plan_rel} ({spec.precision}, batch {spec.min_batch}..{spec.max_batch}, "
+        f"{spec.input_size}x{spec.input_size}) from {onnx_rel}\n"
         "# with trtexec, as `deploy export --backends tensorrt` does. Run it on the GPU that will run the engine:\n"
         "# an engine is tied to its TensorRT version and GPU."
-        + (" TensorRT 11 removed --fp16; there, build from an fp16 ONNX." if precision == "fp16" else "")
+        + (" TensorRT 11 removed --fp16; there, build from an fp16 ONNX." if spec.precision == "fp16" else "")
         + "\nset -euo pipefail\n"
         'cd "$(dirname "$0")"\n'
         f"{command}\n"

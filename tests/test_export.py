@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from deploy.cli import main
-from partialnet.checkpoint import file_sha256
+from partialnet.files import file_sha256
 
 DATA = Path(__file__).parent / "data" / "official"
 TINY = DATA / "tiny_gelu_sp.ckpt"
@@ -119,10 +119,10 @@ def test_force_replaces_and_no_reparam_keeps_batchnorm(tmp_path):
 
 
 def test_drift_beyond_tolerance_exits_3_and_reports_by_how_much(tmp_path, monkeypatch, capsys):
-    import deploy.pipeline as pipeline
+    from runtimes.ort import OrtRunner
 
-    real = pipeline.ort_logits
-    monkeypatch.setattr(pipeline, "ort_logits", lambda path, x, threads=None: real(path, x, threads) + 0.5)
+    real = OrtRunner.run
+    monkeypatch.setattr(OrtRunner, "run", lambda self, feeds: {k: v + 0.5 for k, v in real(self, feeds).items()})
     rc, out = _export(tmp_path, "--no-simplify")
     assert rc == 3
     r = json.loads((out / "report.json").read_text())

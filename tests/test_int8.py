@@ -25,7 +25,7 @@ from calibration.ort_int8 import QuantizationError, QuantSession, quantize_ort
 from calibration.policy import DEFAULT_POLICY, NO_EXCLUSIONS, PARTS, FloatPolicy, OnnxGraph, OvIndex, unit_of_name
 from calibration.qdq import build_qdq, check_qdq
 from calibration.rewrites import fuse_gelu, rescale_gate_rows, split_gate_rows
-from calibration.sensitivity import LogitDrift, Target, sensitivity_pass
+from calibration.sensitivity import Target, sensitivity_pass
 from calibration.sources import default_images
 from helpers import randomize_
 from partialnet import build_model
@@ -33,6 +33,7 @@ from partialnet.errors import UsageError
 from partialnet.variants import Preprocess
 from runtimes.base import BackendUnavailable
 from runtimes.cpu import int8_dot_saturates
+from runtimes.compare import Drift
 from runtimes.ort import OrtRunner
 
 SIZE = 64
@@ -110,11 +111,11 @@ def qdq(folder, calib, session, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ov_int8(folder, calib, tmp_path_factory):
-    from calibration.ov_int8 import quantize_ov
+    from calibration.ov_int8 import OvQuantization, quantize_ov
 
     dest = tmp_path_factory.mktemp("ov") / "model.int8.xml"
     info = quantize_ov(folder / "openvino" / "model.xml", folder / "model.onnx", dest, calib,
-                       policy=DEFAULT_POLICY.with_units([BLOCK]), metadata={"partialnet.variant": "t0"})
+                       OvQuantization(policy=DEFAULT_POLICY.with_units([BLOCK])), metadata={"partialnet.variant": "t0"})
     return dest, info
 
 
@@ -125,8 +126,8 @@ def ort_logits(path: Path, x: np.ndarray, **options) -> np.ndarray:
 
 
 def agreement(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
-    d = LogitDrift.between(ref, got)
-    return d.top1_agreement, d.cosine
+    d = Drift.between(ref, got)
+    return d.top1_agreement, d.cosine_similarity
 
 
 def dq_fed_inputs(proto: onnx.ModelProto) -> dict[str, int]:
@@ -471,7 +472,7 @@ def test_openvino_int8_weights_are_exact_on_the_cpus_they_are_stamped_for(ov_int
     [-64, 64]: 2 x 255 x 64 = 32640); a full-range ('vnni') IR is refused by the runner on a CPU that would saturate."""
     import openvino as ov
 
-    from calibration.ov_int8 import quantize_ov
+    from calibration.ov_int8 import OvQuantization, quantize_ov
     from runtimes.ov import OpenVINORunner
 
     path, info = ov_int8
@@ -480,7 +481,7 @@ def test_openvino_int8_weights_are_exact_on_the_cpus_they_are_stamped_for(ov_int
     assert ov.Core().read_model(str(path)).get_rt_info(["partialnet", "partialnet.int8_cpu"]).astype(str) == expected
     other = "vnni" if expected == "any" else "any"
     dest = tmp_path / "other.int8.xml"
-    quantize_ov(folder / "openvino" / "model.xml", folder / "model.onnx", dest, calib, int8_cpu=other)
+    quantize_ov(folder / "openvino" / "model.xml", folder / "model.onnx", dest, calib, OvQuantization(int8_cpu=other))
     by_cpu = {expected: int8_weight_range(ov.Core().read_model(str(path))),
               other: int8_weight_range(ov.Core().read_model(str(dest)))}
     assert -64 <= by_cpu["any"][0] and by_cpu["any"][1] <= 64
@@ -493,17 +494,17 @@ def test_openvino_int8_weights_are_exact_on_the_cpus_they_are_stamped_for(ov_int
         assert OpenVINORunner(vnni_ir, precision="int8").options["int8_cpu"] == "vnni"
     with pytest.raises(UsageError, match=r"int8_cpu 'arm' is not one of auto, any, vnni"):
         quantize_ov(folder / "openvino" / "model.xml", folder / "model.onnx", tmp_path / "x.xml", calib,
-                    int8_cpu="arm")  # type: ignore[arg-type]
+                    OvQuantization(int8_cpu="arm"))  # type: ignore[arg-type]
 
 
 def test_nncf_refuses_to_overwrite(ov_int8, folder, calib):
-    from calibration.ov_int8 import quantize_ov
+    from calibration.ov_int8 import OvQuantization, quantize_ov
 
     with pytest.raises(UsageError, match=r"model.int8.xml exists; pass --force to overwrite it\."):
         quantize_ov(folder / "openvino" / "model.xml", folder / "model.onnx", ov_int8[0], calib)
     with pytest.raises(UsageError, match="accuracy-controlled INT8 needs labelled validation images"):
         quantize_ov(folder / "openvino" / "model.xml", folder / "model.onnx", ov_int8[0].with_name("x.xml"), calib,
-                    val=calib, max_drop=0.01)
+                    OvQuantization(val=calib, max_drop=0.01))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -518,10 +519,10 @@ def test_sensitivity_ranks_units_and_stops_at_the_target(session, model, pp):
     with torch.inference_mode():
         held_ref = model(torch.from_numpy(held)).numpy()
     result = sensitivity_pass(session, held_ref, Target(top1_agreement=1.0), images=held, base=NO_EXCLUSIONS)
-    assert result.base.top1_agreement < 1.0
+    assert result.base.drift.top1_agreement < 1.0
     ranked = [u for u, _ in result.ranking]
     assert sorted(ranked) == sorted(T0_UNITS)
-    kls = [d.mean_kl for _, d in result.ranking]
+    kls = [d.drift.mean_kl for _, d in result.ranking]
     assert kls == sorted(kls, reverse=True)
     assert result.kept_float == ranked[: len(result.kept_float)]  # worst first
     assert len(result.steps) == len(result.kept_float) + 1
@@ -552,10 +553,13 @@ def test_sensitivity_checks_its_target():
 
 @pytest.mark.slow
 def test_build_int8_artifacts_fills_folder_and_manifest(model, tmp_path, calib):
+    from deploy import backends
+    from deploy.backends import BuildContext
     from deploy.cli import main
-    from deploy.int8 import build_int8_artifacts
+    from deploy.int8 import Int8Request, build_int8_artifacts
     from deploy.reference import eager_from_manifest
     from export.manifest import Manifest
+    from partialnet.console import SILENT
     from runtimes.trt import tensorrt_status
 
     checkpoint = tmp_path / "randomized.pth"
@@ -570,27 +574,29 @@ def test_build_int8_artifacts_fills_folder_and_manifest(model, tmp_path, calib):
         with torch.inference_mode():
             return eager(torch.from_numpy(x)).numpy()
 
-    report = build_int8_artifacts(out, manifest, ["onnxruntime", "openvino", "tensorrt"], calib, None, fp32,
-                                  log=lambda msg: None)
-    rows = {(a.backend, a.precision): a for a in manifest.artifacts}
-    assert rows[("onnxruntime", "int8")].path == "model.int8.onnx"
-    assert rows[("openvino", "int8")].path == "openvino/model.int8.xml"
-    assert rows[("openvino", "int8")].extra["weights"] == "openvino/model.int8.bin"
-    assert rows[("onnxruntime", "int8-qdq")].path == "tensorrt/model.qdq.onnx"
-    assert rows[("onnxruntime", "int8-qdq")].extra["target_backend"] == "tensorrt"
+    ctx = BuildContext(out, manifest, SILENT)
+    targets = [backends.get(n) for n in ("onnxruntime", "openvino", "tensorrt")]
+    report = build_int8_artifacts(ctx, targets, calib, None, fp32)
+    rows = {a.key: a for a in manifest.artifacts}
+    assert rows["onnxruntime/int8"].path == "model.int8.onnx" and rows["onnxruntime/int8"].scheme == "qdq"
+    assert rows["openvino/int8"].path == "openvino/model.int8.xml" and rows["openvino/int8"].scheme == "nncf"
+    assert rows["openvino/int8"].extra["weights"] == "openvino/model.int8.bin"
+    qdq = rows["onnxruntime/int8@tensorrt"]
+    assert qdq.path == "tensorrt/model.qdq.onnx" and qdq.precision == "int8" and qdq.scheme == "qdq-symmetric"
+    assert qdq.target == "tensorrt"
     assert (out / "tensorrt" / "build.int8.sh").is_file()
     assert "--stronglyTyped" in (out / "tensorrt" / "build.int8.sh").read_text()
     if tensorrt_status() is not None:
-        assert ("tensorrt", "int8") not in rows
+        assert "tensorrt/int8" not in rows
         assert any(s["backend"] == "tensorrt" and s["precision"] == "int8" for s in manifest.skipped)
-    for key in ("onnxruntime/int8", "openvino/int8", "onnxruntime/int8-qdq"):
+    for key in ("onnxruntime/int8", "openvino/int8", "onnxruntime/int8@tensorrt"):
         drift = report["artifacts"][key]["check"]["calibration"]["drift"]
         assert drift["top1_agreement"] >= MIN_AGREEMENT and drift["cosine_similarity"] >= MIN_COSINE, key
     assert report["policy"]["name"] == "default" and report["calibration"]["size"] == CALIB
     with pytest.raises(UsageError, match="needs labelled validation images"):
-        build_int8_artifacts(out, manifest, ["onnxruntime"], calib, None, fp32, max_accuracy_drop=0.01)
-    with pytest.raises(UsageError, match=r"INT8 backend\(s\) coreml unknown"):
-        build_int8_artifacts(out, manifest, ["coreml"], calib, None, fp32)
+        build_int8_artifacts(ctx, targets[:1], calib, None, fp32, Int8Request(max_accuracy_drop=0.01))
+    with pytest.raises(UsageError, match=r"no INT8 backend requested"):
+        build_int8_artifacts(ctx, [], calib, None, fp32)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -600,7 +606,7 @@ def test_build_int8_artifacts_fills_folder_and_manifest(model, tmp_path, calib):
 
 @pytest.mark.slow
 def test_int8_loses_at_most_one_point_on_real_digits(tmp_path):
-    from calibration.ov_int8 import quantize_ov
+    from calibration.ov_int8 import OvQuantization, quantize_ov
     from calibration.sources import load_images
     from deploy.cli import main
     from realdata import digits_fixture
@@ -618,7 +624,7 @@ def test_int8_loses_at_most_one_point_on_real_digits(tmp_path):
     # accuracy control validates on other training images (the test set stays unseen) with a one-point budget
     val = load_images(fx.train_dir, pp, limit=200, seed=1)
     info = quantize_ov(out / "openvino" / "model.xml", out / "model.onnx", out / "openvino" / "model.ac.xml", calib,
-                       val=val, max_drop=0.01)
+                       OvQuantization(val=val, max_drop=0.01))
     assert info["mode"] == "quantize_with_accuracy_control" and info["fake_quantize"] > 0
 
     def top1(logits: np.ndarray) -> float:

@@ -9,6 +9,8 @@ import torch
 
 from partialnet import VARIANTS, ArchConfig, PartialNet, UsageError, build_model, get_variant
 from partialnet.irpe import bucket_ids
+from partialnet.config import variant_config
+from partialnet.cost import mac_count, param_count
 from partialnet.profile import count_macs, count_params
 
 DATA = Path(__file__).parent / "data"
@@ -66,6 +68,20 @@ def test_params_macs_and_key_counts_match_spec(name):
         assert round(count_params(model) / 1e6, 3) == pytest.approx(params, abs=1e-9)
         assert round(count_macs(model, 224) / 1e6, 1) == pytest.approx(macs, abs=1e-9)
         assert len(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("cfg", [
+    *(variant_config(v, spatial_attn=sp) for v in VARIANTS.values() for sp in (True, False)),
+    ArchConfig(embed_dim=40, depths=(1, 2, 3, 1), act="relu", num_classes=10, partial_dims=((8,), (16, 24), (20, 20, 40), (80,))),
+    ArchConfig(embed_dim=16, depths=(1, 1, 2, 1), mixing="pconv", num_classes=7),
+], ids=lambda c: f"e{c.embed_dim}-{'-'.join(map(str, c.depths))}-sp{int(c.spatial_attn)}-{c.mixing}")
+def test_counts_from_the_config_equal_the_models(cfg):
+    """`deploy list` counts without torch (partialnet.cost); the hooks on the real module tree must agree."""
+    with torch.device("meta"):
+        model = PartialNet(cfg)
+    assert param_count(cfg) == count_params(model)
+    for size in (64, 224, 256):
+        assert mac_count(cfg, size) == count_macs(model, size)
 
 
 def test_variants_default_to_pat_sp_and_four_heads():

@@ -23,10 +23,12 @@ from partialnet.errors import UsageError
 from runtimes.artifacts import ArtifactError, check_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, BackendUnavailable, InputError, Runner, TensorSpec
 from runtimes.eager import EagerRunner
-from runtimes.factory import backend_status, open_runner
 from runtimes.ort import OrtRunner
 from runtimes.ov import OpenVINORunner, convert_to_ir
-from runtimes.trt import tensorrt_status, write_build_script
+from runtimes.trt import EngineSpec, tensorrt_status, write_build_script
+from deploy import backends
+from deploy.backends import RunnerOptions
+from export.manifest import Artifact
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64  # px: the smallest input that keeps every stage well defined, and fast
@@ -294,7 +296,7 @@ def test_onnxruntime_cuda_is_never_a_silent_cpu_run(tmp_path):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has the CUDA provider")
     with pytest.raises(BackendUnavailable) as info:
-        open_runner("onnxruntime", tiny_onnx(tmp_path / "tiny.onnx"), precision="fp32", device="cuda")
+        OrtRunner(tiny_onnx(tmp_path / "tiny.onnx"), precision="fp32", device="cuda")
     message = str(info.value)
     assert message.startswith(f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider (it has ")
     assert "install onnxruntime-gpu" in message
@@ -305,14 +307,14 @@ def test_openvino_missing_device_is_an_error(tmp_path):
         OpenVINORunner(tiny_onnx(tmp_path / "tiny.onnx"), device="NPU")
 
 
-def test_factory_names_and_statuses(tmp_path):
+def test_registry_names_and_statuses(tmp_path):
     with pytest.raises(UsageError, match=r"unknown backend 'openvno' \(did you mean 'openvino'\?\); backends are "
-                                         r"onnxruntime, openvino, tensorrt\."):
-        open_runner("openvno", tmp_path / "x.onnx", precision="fp32")  # type: ignore[arg-type]
-    status = backend_status()
+                                         r"eager, onnxruntime, openvino, tensorrt\."):
+        backends.get("openvno")
+    status = backends.status()
     assert set(status) == {"onnxruntime", "openvino", "tensorrt"}
     assert status["onnxruntime"] is None and status["openvino"] is None
-    runner = open_runner("openvino", tiny_onnx(tmp_path / "tiny.onnx"), precision="fp32", threads=1)
+    runner = backends.get("openvino").open(tiny_onnx(tmp_path / "tiny.onnx"), "fp32", RunnerOptions(threads=1))
     assert runner.name == "openvino:cpu:fp32" and runner.options["threads"] == 1
 
 
@@ -323,12 +325,12 @@ def test_tensorrt_unavailable_here_is_explained(tmp_path):
     assert "TensorRT" in reason and "\n" not in reason
     assert 'pip install -e ".[tensorrt]"' in reason or "TensorRT is installed but" in reason
     with pytest.raises(BackendUnavailable) as info:
-        open_runner("tensorrt", tmp_path / "model.plan", precision="fp16")
+        backends.open_row(tmp_path, Artifact("tensorrt", "fp16", "model.plan", "0" * 64, 0))
     assert str(info.value) == reason
-    from runtimes.trt import build_engine
+    from runtimes.trt import EngineSpec, build_engine
 
     with pytest.raises(BackendUnavailable):
-        build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", precision="fp32", input_size=SIZE, timing_cache=None)
+        build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", EngineSpec("fp32", SIZE))
 
 
 def test_tensorrt_probe_never_loads_tensorrt_without_a_gpu():
@@ -349,7 +351,7 @@ def test_tensorrt_probe_never_loads_tensorrt_without_a_gpu():
 
 
 def test_build_script_is_the_trtexec_equivalent(tmp_path):
-    dest = write_build_script(tmp_path / "build.sh", "model.onnx", "model.fp16.plan", "fp16", SIZE, 1, 8, 32)
+    dest = write_build_script(tmp_path / "build.sh", "model.onnx", "model.fp16.plan", EngineSpec("fp16", SIZE, 1, 8, 32))
     text = dest.read_text()
     assert dest.stat().st_mode & stat.S_IXUSR
     assert text.startswith("#!/usr/bin/env bash\n")
@@ -359,12 +361,13 @@ def test_build_script_is_the_trtexec_equivalent(tmp_path):
         "--minShapes=input:1x3x64x64", "--optShapes=input:8x3x64x64", "--maxShapes=input:32x3x64x64",
         "--fp16", "--noTF32", "--memPoolSize=workspace:4096", "--timingCacheFile=timing.cache",
     ]
-    int8 = write_build_script(tmp_path / "build.sh", "q.onnx", "q.plan", "int8", SIZE, 1, 1, 4, force=True).read_text()
+    int8 = write_build_script(tmp_path / "build.sh", "q.onnx", "q.plan", EngineSpec("int8", SIZE, 1, 1, 4),
+                              force=True).read_text()
     assert "--stronglyTyped" in int8 and "--fp16" not in int8
     with pytest.raises(UsageError, match="exists; pass --force"):
-        write_build_script(tmp_path / "build.sh", "q.onnx", "q.plan", "int8", SIZE, 1, 1, 4)
+        write_build_script(tmp_path / "build.sh", "q.onnx", "q.plan", EngineSpec("int8", SIZE, 1, 1, 4))
     with pytest.raises(UsageError, match="1 <= min <= opt <= max"):
-        write_build_script(tmp_path / "b.sh", "q.onnx", "q.plan", "fp32", SIZE, 4, 2, 8)
+        EngineSpec("fp32", SIZE, 4, 2, 8)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -386,19 +389,19 @@ def trt_ready():
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_engine_matches_eager(trt_ready, onnx_path, images, reference, tmp_path, precision):
-    from runtimes.trt import EngineBuildError, TensorRTRunner, build_engine
+    from runtimes.trt import EngineBuildError, EngineSpec, TensorRTRunner, build_engine
 
     plan, cache = tmp_path / f"model.{precision}.plan", tmp_path / "timing.cache"
-    build = dict(precision=precision, input_size=SIZE, min_batch=1, opt_batch=2, max_batch=4, timing_cache=cache)
+    spec = EngineSpec(precision, SIZE, min_batch=1, opt_batch=2, max_batch=4, timing_cache=cache)
     if precision == "fp16" and not hasattr(trt_ready.BuilderFlag, "FP16"):
         with pytest.raises(EngineBuildError, match="modelopt.onnx.autocast"):
-            build_engine(onnx_path, plan, **build)
+            build_engine(onnx_path, plan, spec)
         return
-    info = build_engine(onnx_path, plan, **build)
-    assert info["precision"] == precision and info["batch"] == {"min": 1, "opt": 2, "max": 4}
+    info = build_engine(onnx_path, plan, spec)
+    assert info["engine_precision"] == precision and info["batch"] == {"min": 1, "opt": 2, "max": 4}
     assert info["tf32"] is False and cache.stat().st_size > 0
     with pytest.raises(UsageError, match="exists; pass --force"):
-        build_engine(onnx_path, plan, **build)
+        build_engine(onnx_path, plan, spec)
 
     runner = TensorRTRunner(plan, precision=precision)
     assert isinstance(runner, Runner) and runner.name == f"tensorrt:cuda:{precision}"
@@ -430,7 +433,7 @@ def test_tensorrt_corrupt_engine_asks_for_a_rebuild(trt_ready, tmp_path):
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_tensorrt_int8_needs_a_qdq_onnx(trt_ready, onnx_path, tmp_path):
-    from runtimes.trt import EngineBuildError, build_engine
+    from runtimes.trt import EngineBuildError, EngineSpec, build_engine
 
     with pytest.raises(EngineBuildError, match="no QuantizeLinear/DequantizeLinear nodes"):
-        build_engine(onnx_path, tmp_path / "m.plan", precision="int8", input_size=SIZE, timing_cache=None)
+        build_engine(onnx_path, tmp_path / "m.plan", EngineSpec("int8", SIZE))

@@ -72,7 +72,8 @@ def test_json_without_labels_has_eager_and_every_artifact(folder, capsys):
 
 def test_labelled_folder_gives_accuracy_and_paired_tests(folder, labelled, capsys):
     from calibration.sources import load_images
-    from deploy.pipeline import eager_logits
+    import torch
+
     from deploy.reference import eager_from_manifest
     from export.manifest import Manifest
     from partialnet.variants import Preprocess
@@ -83,7 +84,8 @@ def test_labelled_folder_gives_accuracy_and_paired_tests(folder, labelled, capsy
 
     manifest = Manifest.load(folder)
     images = load_images(labelled, Preprocess.from_dict(manifest.preprocess))
-    logits = eager_logits(eager_from_manifest(manifest), images.images)
+    with torch.inference_mode():
+        logits = eager_from_manifest(manifest)(torch.from_numpy(images.images)).numpy()
     expected = float((logits.argmax(1) == images.labels).mean())
     eager, *arts = doc["artifacts"]
     assert eager["top1"] == pytest.approx(expected, abs=1e-12)
@@ -183,7 +185,7 @@ def test_a_corrupted_runner_fails_its_tolerance_gate(folder, capsys, monkeypatch
 
 
 def test_drift_says_how_decided_the_changed_predictions_were():
-    from deploy.drift import Drift, disagreement_note
+    from runtimes.compare import Drift, disagreement_note
 
     ref = np.array([[3.0, 1.0, 0.0], [1.0, 1.1, 0.0], [0.0, 0.0, 5.0], [2.0, 0.0, 1.5]])
     near_tie = ref.copy()

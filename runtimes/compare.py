@@ -1,13 +1,33 @@
-"""Measuring how far a candidate's logits are from a reference's, and judging it against a tolerance.
+"""The one comparison path: run a set of runners on the same batches, then judge pairs of logits.
 
-Measurement and judgement are separate: `Drift.between` produces plain numbers, a `Tolerance` decides.
+As in Polygraphy's Comparator, running and judging are separate: `run_all` returns logits per runner, `Drift.between`
+turns two sets of logits into plain numbers, and a `Tolerance` decides. The post-export check, the INT8 checks,
+the sensitivity pass and `deploy validate` all go through these.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
+
+from .base import INPUT_NAME, OUTPUT_NAME, Runner
+
+
+def run_all(runners: Mapping[str, Runner], x: np.ndarray, batch_size: int,
+            track: Callable[[Iterable[int]], Iterable[int]] | None = None) -> dict[str, np.ndarray]:
+    """Logits of every runner on the same batches of `x` (each batch goes through all runners in turn)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    starts: Iterable[int] = range(0, len(x), batch_size)
+    if track is not None:
+        starts = track(starts)
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in runners}
+    for i in starts:
+        feeds = {INPUT_NAME: x[i : i + batch_size]}
+        for key, runner in runners.items():
+            outs[key].append(runner.run(feeds)[OUTPUT_NAME])
+    return {k: np.concatenate(v) for k, v in outs.items()}
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -79,7 +99,7 @@ def disagreement_notes(rows: Iterable[dict], samples_key: str = "samples") -> li
     out = []
     for r in rows:
         key = (r["backend"], r["precision"])
-        if r["backend"] == "eager" or key in seen:
+        if r.get("role") == "reference" or key in seen:
             continue
         seen.add(key)
         note = disagreement_note(f"{r['backend']} {r['precision']}", {**r, "samples": r[samples_key]})
@@ -142,5 +162,22 @@ TOLERANCES = {
     "bf16": Tolerance(max_abs_rel=2e-1, min_top1_agreement=0.95),
     "int8": Tolerance(min_top1_agreement=0.90, min_cosine=0.97),
 }
-TOLERANCES["int8-qdq"] = TOLERANCES["int8"]  # the TensorRT Q/DQ ONNX, checked under ONNX Runtime on the CPU
-TOLERANCES["int8-entropy"] = TOLERANCES["int8"]  # TensorRT 10's implicit INT8 with its entropy calibrator
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A candidate's drift from the reference, the absolute limit that applied, and every failed gate."""
+
+    drift: Drift
+    limit: float | None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def judge(reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance, noise_floor: float = 0.0) -> Verdict:
+    """Measure `candidate` against `reference` and hold it to `tolerance`."""
+    drift = Drift.between(reference, candidate)
+    return Verdict(drift, tolerance.abs_limit(drift, noise_floor), tolerance.failures(drift, noise_floor))

@@ -1,0 +1,90 @@
+"""What a backend is: the one protocol every runtime implements, and what it is given to build and open.
+
+Polygraphy keeps a loader (builds or reads an artifact) apart from a runner (executes it); here a `Backend` is
+both halves for one runtime: whether it can run here, building its FP32 and INT8 artifacts into an export folder,
+and opening a runner for one of them. Pipeline, validate, bench and predict only iterate the registry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from export.layout import REFERENCE_ONNX
+from export.manifest import Artifact, Manifest
+from partialnet.console import Console
+from runtimes.base import Runner
+
+if TYPE_CHECKING:
+    from calibration.ort_int8 import QuantSession
+    from calibration.policy import FloatPolicy
+    from calibration.sources import ImageSet
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How to open a runner. `for_timing`: it will be timed in turn with other runtimes in this process."""
+
+    threads: int | None = None
+    for_timing: bool = False
+
+
+@dataclass
+class BuildContext:
+    """An export folder being built: where, its manifest so far, and where notes go."""
+
+    folder: Path
+    manifest: Manifest
+    console: Console
+    threads: int | None = None
+    force: bool = False
+
+    @property
+    def onnx(self) -> Path:
+        return self.folder / REFERENCE_ONNX
+
+    def artifact(self, rel: str, backend: str, precision: str, **fields: Any) -> Artifact:
+        """Record a file the backend wrote (hash and size read from disk) in the manifest, and return its row."""
+        art = Artifact.of(self.folder, rel, backend, precision, **fields)
+        self.manifest.artifacts.append(art)
+        return art
+
+
+@dataclass
+class Int8Inputs:
+    """What every backend's INT8 build shares: one calibration, one float policy, the same metadata."""
+
+    calib: "ImageSet"
+    val: "ImageSet | None"
+    session: "QuantSession"
+    policy: "FloatPolicy"
+    metadata: dict[str, str]
+    max_accuracy_drop: float | None = None  # fraction; OpenVINO's accuracy-controlled mode
+    int8_cpu: str = "auto"  # which CPUs OpenVINO's int8 weights must be exact on
+    ov_model_type: str = "cnn"
+    row: dict[str, Any] = field(default_factory=dict)  # the manifest facts every int8 row carries
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str  # "openvino"
+    makes_artifacts: bool  # False for eager: it runs the model itself
+    float_precisions: tuple[str, ...]  # what `build` makes from the FP32 ONNX
+    runs_reference_onnx: bool  # the runtime that runs (and checks) the reference model.onnx itself
+    builds_offline: bool  # `build_int8` and `prepare_offline` make useful files even where it cannot run
+
+    def status(self) -> str | None:
+        """None when it can run here, else the one-line reason it cannot."""
+
+    def build(self, ctx: BuildContext, precision: str) -> Artifact:
+        """Build the artifact of one float precision from ctx.onnx and record it; DeployError to skip it."""
+
+    def build_int8(self, ctx: BuildContext, q: Int8Inputs) -> list[tuple[Artifact, dict[str, Any]]]:
+        """Build and record this backend's INT8 artifact(s), each with what its quantizer did (for the report);
+        DeployError to skip the backend's INT8. The caller checks every artifact against eager."""
+
+    def prepare_offline(self, ctx: BuildContext, precisions: list[str]) -> None:
+        """It cannot run here: write what the target machine needs to build it there (or nothing)."""
+
+    def open(self, path: Path, precision: str, options: RunnerOptions) -> Runner:
+        """A runner for the file at `path`, which holds an artifact of `precision`."""

@@ -1,0 +1,53 @@
+"""ONNX Runtime on the CPU: runs the reference ONNX itself, and a static QDQ INT8 ONNX (U8S8, per-channel)."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from export.layout import ORT_INT8, REFERENCE_ONNX
+from export.manifest import Artifact
+from partialnet.errors import DeployError
+from runtimes.artifacts import one_line
+from runtimes.base import Runner
+
+from .base import BuildContext, Int8Inputs, RunnerOptions
+
+
+class OnnxRuntime:
+    name = "onnxruntime"
+    makes_artifacts = True
+    float_precisions = ("fp32",)
+    runs_reference_onnx = True
+    builds_offline = False
+
+    def status(self) -> str | None:
+        try:
+            importlib.import_module("onnxruntime")
+        except Exception as e:  # ImportError, or OSError/RuntimeError from a broken native library
+            return f"onnxruntime failed to import ({one_line(e)}); reinstall it with `pip install -e .`."
+        return None
+
+    def build(self, ctx: BuildContext, precision: str) -> Artifact:
+        """The reference ONNX is this backend's FP32 artifact: the export wrote and recorded it already."""
+        return next(a for a in ctx.manifest.artifacts if a.path == REFERENCE_ONNX)
+
+    def build_int8(self, ctx: BuildContext, q: Int8Inputs) -> list[tuple[Artifact, dict]]:
+        from calibration.ort_int8 import quantize_ort
+
+        info = quantize_ort(ctx.onnx, ctx.folder / ORT_INT8, q.calib, policy=q.policy, session=q.session,
+                            metadata=q.metadata, force=ctx.force, log=ctx.console)
+        art = ctx.artifact(ORT_INT8, self.name, "int8", scheme="qdq", role="INT8 for onnxruntime on CPU (QDQ, U8S8)",
+                           **q.row, quantize_linear=info.get("quantize_linear"),
+                           dequantize_linear=info.get("dequantize_linear"))
+        return [(art, info)]
+
+    def prepare_offline(self, ctx: BuildContext, precisions: list[str]) -> None:
+        return None
+
+    def open(self, path: Path, precision: str, options: RunnerOptions) -> Runner:
+        from runtimes.ort import OrtRunner
+
+        if precision not in ("fp32", "fp16", "int8"):
+            raise DeployError(f"onnxruntime runs fp32, fp16 and int8 ONNX files, not {precision}.")
+        # Timed in turn with other runtimes in one process, a spinning session would steal the next one's cores.
+        return OrtRunner(path, precision=precision, threads=options.threads, spinning=not options.for_timing)
