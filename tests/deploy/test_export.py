@@ -13,7 +13,7 @@ import pytest
 from deploy.cli import main
 from partialnet.files import file_sha256
 
-DATA = Path(__file__).parent / "data" / "official"
+DATA = Path(__file__).parents[1] / "data" / "official"
 TINY = DATA / "tiny_gelu_sp.ckpt"
 
 

@@ -13,7 +13,6 @@ from PIL import Image
 from deploy.bench import Latency, measure_interleaved, parse_batch_sizes
 from deploy.cli import main
 from partialnet.errors import UsageError
-from test_validate import tiny_export
 
 ROW_KEYS = {"backend", "precision", "batch_size", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput",
             "speedup_vs_eager", "top1_agreement", "calls", "runner", "threads"}
@@ -21,8 +20,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return tiny_export(tmp_path_factory)
+def folder(tiny_export) -> Path:
+    return tiny_export
 
 
 @pytest.fixture(scope="module")

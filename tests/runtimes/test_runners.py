@@ -30,7 +30,7 @@ from deploy import backends
 from deploy.backends import RunnerOptions
 from export.manifest import Artifact
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 64  # px: the smallest input that keeps every stage well defined, and fast
 CLASSES = 10
 FP32_ABS_TOL = 1e-4  # max |Δlogit| vs eager, on logits of magnitude ~10; seen: ~5e-6 (onnxruntime), ~1e-5 (openvino)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from deploy.cli import main
 
-DATA = Path(__file__).parent / "data" / "official"
+DATA = Path(__file__).parents[1] / "data" / "official"
 TINY = str(DATA / "tiny_gelu_sp.ckpt")
 
 

@@ -13,7 +13,7 @@ from partialnet.config import variant_config
 from partialnet.cost import mac_count, param_count
 from partialnet.profile import count_macs, count_params
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def _appendix_a() -> list[tuple[str, tuple[int, ...]]]:
@@ -159,7 +159,7 @@ def test_split_shortcut_only_in_last_stage():
 
 def test_irpe_buckets_equal_the_official_tables():
     # Tables written by the official iRPE code (tests/data/official/README.json), including the log branch (21x21, 24x24).
-    tables = np.load(Path(__file__).parent / "data" / "official" / "rpe_buckets.npz")
+    tables = np.load(Path(__file__).parents[1] / "data" / "official" / "rpe_buckets.npz")
     assert len(tables.files) == 8
     for key in tables.files:
         h, w = (int(v) for v in key[1:].split("x"))

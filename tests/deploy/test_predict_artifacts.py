@@ -9,7 +9,7 @@ import pytest
 
 from deploy.cli import main
 
-DATA = Path(__file__).parent / "data" / "official"
+DATA = Path(__file__).parents[1] / "data" / "official"
 TINY = DATA / "tiny_gelu_sp.ckpt"
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from deploy.cli import main
 
-DATA = Path(__file__).parent / "data" / "official"
+DATA = Path(__file__).parents[1] / "data" / "official"
 CASES = [("tiny_gelu_sp.ckpt", "partialnet_t0"), ("tiny_relu.pth", "partialnet_t2")]
 
 
