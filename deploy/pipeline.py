@@ -318,7 +318,7 @@ class _Checker:
     def __init__(self, export: ExportHandle, x: np.ndarray, threads: int | None, report: Report):
         self.export, self.x, self.threads, self.report = export, x, threads, report
         eager = EAGER.open_model(export.model, export.manifest.input_size, RunnerOptions(threads=threads))
-        self.eager = run_all({"eager": eager}, x, len(x))["eager"]
+        self.eager = run_all({EAGER.name: eager}, x, len(x))[EAGER.name]
         self.floor = fp32_noise_floor(export.model, x, self.eager)
         self.checks: dict[str, Any] = {}
 
@@ -403,7 +403,7 @@ def build_int8(req: ExportRequest, ctx: BuildContext, usable: list[Backend], una
     targets = usable + [backends.get(n) for n in unavailable if backends.get(n).builds_offline]
     eager = EAGER.open_model(original, ctx.manifest.input_size, RunnerOptions(threads=req.threads))
     section = build_int8_artifacts(
-        ctx, targets, calib, val, lambda x: run_all({"eager": eager}, x, 16)["eager"],
+        ctx, targets, calib, val, lambda x: run_all({EAGER.name: eager}, x, 16)[EAGER.name],
         Int8Request(method=req.calib_method, target_agreement=req.target_agreement,
                     max_accuracy_drop=req.max_accuracy_drop, int8_cpu=req.int8_cpu))
     section["calibrated_on_user_data"] = calib.user_data

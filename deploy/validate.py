@@ -23,7 +23,7 @@ from partialnet.variants import Preprocess
 from runtimes.compare import TOLERANCES, Drift, disagreement_notes, run_all
 from runtimes.eager import fp32_noise_floor
 
-from .backends import RunnerOptions
+from .backends import EAGER, RunnerOptions
 from .opening import ExportHandle, Opened, close_all, nothing_runs_error, open_export, open_rows, select_rows
 from .report import Report, isa_summary
 
@@ -149,7 +149,7 @@ def decompose(logits: dict[str, np.ndarray], opened: Sequence[Opened], reference
     out: dict[str, Any] = {"export": [], "runtime": [], "reduced_precision": [], "quantization": [], "notes": []}
     has_onnx = reference_onnx in logits
     if has_onnx:
-        out["export"].append(_step("eager", reference_onnx, logits))
+        out["export"].append(_step(EAGER.name, reference_onnx, logits))
     else:
         out["notes"].append(f"export and runtime drift need the reference ONNX ({reference_onnx}), which did not run")
     for o in opened:

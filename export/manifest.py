@@ -99,10 +99,10 @@ class Artifact:
 
 def parse_precision(text: str) -> tuple[str, str | None, str | None]:
     """`--precision` as (precision, target, scheme): `int8`, `int8@tensorrt`, `int8+entropy`, or a version 1
-    name (`int8-qdq`, `int8-entropy`)."""
+    name (`int8-qdq`: the symmetric Q/DQ ONNX, whatever its target; `int8-entropy`)."""
     if text in V1_PRECISIONS:
         precision, scheme = V1_PRECISIONS[text]
-        return precision, "tensorrt" if scheme == "qdq-symmetric" else None, scheme
+        return precision, None, scheme
     rest, _, scheme = text.partition("+")
     precision, _, target = rest.partition("@")
     if precision not in PRECISIONS or (scheme and scheme not in SCHEMES):
@@ -154,7 +154,8 @@ class Manifest:
         """
         want_precision, target, scheme = parse_precision(precision or "fp32")
         matches = [a for a in self.artifacts if a.backend == backend and a.precision == want_precision
-                   and a.target == target and (a.scheme == scheme if scheme else a.scheme not in ALTERNATIVE_SCHEMES)]
+                   and (a.target == target if target or not scheme else True)
+                   and (a.scheme == scheme if scheme else a.scheme not in ALTERNATIVE_SCHEMES)]
         if not matches and precision is None:
             matches = [a for a in self.artifacts if a.backend == backend and a.target is None]
         if not matches:

@@ -40,7 +40,7 @@ def test_a_newer_format_is_refused():
 
 @pytest.mark.parametrize("text, parsed", [
     ("int8", ("int8", None, None)), ("int8@tensorrt", ("int8", "tensorrt", None)),
-    ("int8+entropy", ("int8", None, "entropy")), ("int8-qdq", ("int8", "tensorrt", "qdq-symmetric")),
+    ("int8+entropy", ("int8", None, "entropy")), ("int8-qdq", ("int8", None, "qdq-symmetric")),
     ("int8-entropy", ("int8", None, "entropy")), ("bf16", ("bf16", None, None)),
 ])
 def test_precisions_parse(text, parsed):
