@@ -237,8 +237,10 @@ def cmd_validate(args) -> int:
 def cmd_bench(args) -> int:
     from deploy.bench import BenchRequest, BenchSettings, format_bench, parse_batch_sizes, run_bench
 
+    if args.streams is not None and args.mode != "throughput":
+        raise UsageError("--streams applies to --mode throughput.")
     settings = BenchSettings(batch_sizes=parse_batch_sizes(args.batch_sizes), threads=args.threads,
-                             warmup_s=args.warmup_s, duration_s=args.duration_s)
+                             warmup_s=args.warmup_s, duration_s=args.duration_s, mode=args.mode, streams=args.streams)
     req = BenchRequest(folder=args.folder, backends=args.backends, settings=settings, allow_pickle=args.allow_pickle)
     result = run_bench(req, _console(args))
     print(json.dumps(result.document, indent=2) if args.json else format_bench(result.document))
@@ -346,12 +348,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_validate)
 
-    p = sub.add_parser("bench", parents=[common], help="latency of eager and every artifact, interleaved in one run",
-                       description="Time eager and every artifact of an export folder round-robin on the same inputs. "
-                                   "Writes DIR/bench.json, DIR/bench.md and DIR/bench.png.")
+    p = sub.add_parser("bench", parents=[common], help="latency or throughput of eager and every artifact, each in "
+                       "its own process",
+                       description="Time eager and every artifact of an export folder, each in a worker process of its "
+                                   "own, round-robin on the same inputs, one computing at a time. Writes "
+                                   "DIR/bench.json, DIR/bench.md and DIR/bench.png.")
     p.add_argument("folder", metavar="DIR", help="export folder made by 'deploy export'")
     p.add_argument("--backends", help="comma-separated backends to time (default: every artifact in the manifest)")
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--mode", choices=["latency", "throughput"], default="latency",
+                   help="latency: one request at a time (OpenVINO LATENCY hint; default); throughput: as many requests "
+                        "in flight as each runtime serves best (OpenVINO THROUGHPUT hint and async queue, ONNX Runtime "
+                        "concurrent runs, eager batched calls)")
+    p.add_argument("--streams", type=_positive_int, default=None,
+                   help="throughput mode: parallel streams (default: each runtime's choice; ONNX Runtime: one per core)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for eager and the runtimes (default: each library's own default)")
     p.add_argument("--warmup-s", type=_non_negative_float, default=1.0,

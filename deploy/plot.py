@@ -1,4 +1,4 @@
-"""The benchmark plot: p50 latency against top-1 agreement with eager, one labelled point per runner.
+"""The benchmark plot: p50 latency (or images/s) against top-1 agreement with eager, one marker per runner.
 
 matplotlib is imported only here and only when a plot is drawn, through its Agg canvas directly (no pyplot, no
 display, no global backend switch), so `deploy --help` stays fast and headless machines just work.
@@ -22,34 +22,39 @@ class PlotPoint:
     batch_size: int
 
 
-def latency_agreement_png(points: Sequence[PlotPoint], dest: str | Path, *, title: str, note: str = "") -> Path:
-    """One panel per batch size, one labelled point per runner; the PNG is written atomically to `dest`."""
+def latency_agreement_png(points: Sequence[PlotPoint], dest: str | Path, *, title: str, note: str = "",
+                          mode: str = "latency") -> Path:
+    """One panel per batch size, one marker per runner named in a shared legend (labels never print over each
+    other); a log axis when a panel's values span more than 10x. Written atomically to `dest`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not points:
         raise ValueError("nothing to plot: no points")
     sizes = sorted({p.batch_size for p in points})
-    fig = Figure(figsize=(4.2 * len(sizes) + 1.0, 4.6), dpi=120, layout="constrained")
+    labels = list(dict.fromkeys(p.label for p in points))
+    style = {label: (MARKERS[i % len(MARKERS)], f"C{i % 10}") for i, label in enumerate(labels)}
+    fig = Figure(figsize=(4.0 * len(sizes) + 2.6, 4.4), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(sizes), sharey=True, squeeze=False)[0]
     low = min(p.agreement for p in points) * 100
-    for i, (ax, bs) in enumerate(zip(axes, sizes)):
-        group = sorted((p for p in points if p.batch_size == bs), key=lambda p: p.latency_ms)
-        lat = [p.latency_ms for p in group]
-        ax.scatter(lat, [p.agreement * 100 for p in group], marker=MARKERS[i % len(MARKERS)], s=40, zorder=3)
-        for j, p in enumerate(group):
-            # Alternate above and below so that labels of nearby points (often all at 100%) do not overlap.
-            ax.annotate(p.label, (p.latency_ms, p.agreement * 100), textcoords="offset points",
-                        xytext=(4, 6 if j % 2 == 0 else -11), fontsize=7)
-        if min(lat) > 0 and max(lat) / min(lat) > 10:
+    handles = {}
+    for ax, bs in zip(axes, sizes):
+        group = [p for p in points if p.batch_size == bs]
+        for p in group:
+            marker, color = style[p.label]
+            handles[p.label] = ax.scatter([p.latency_ms], [p.agreement * 100], marker=marker, color=color, s=48,
+                                          zorder=3, alpha=0.85, label=p.label)
+        values = [p.latency_ms for p in group]
+        if min(values) > 0 and max(values) / min(values) > 10:
             ax.set_xscale("log")
-        ax.margins(x=0.25)
+        ax.margins(x=0.15)
         ax.set_ylim(min(low - 1.0, 99.0), 100.5)
         ax.set_title(f"batch {bs}", fontsize=9)
-        ax.set_xlabel("p50 latency per call (ms)")
+        ax.set_xlabel("p50 latency per request (ms)" if mode == "latency" else "images/s")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("top-1 agreement with eager (%)")
+    fig.legend([handles[label] for label in labels], labels, loc="outside right center", fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     if note:
         fig.supxlabel(note, fontsize=7, color="0.4")

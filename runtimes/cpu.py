@@ -8,6 +8,7 @@ and OpenVINO's default int8 kernels both take that path on such CPUs, and the er
 """
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 
@@ -28,6 +29,13 @@ def cpuinfo(keys: tuple[str, ...]) -> dict[str, str]:
     except OSError:
         pass
     return found
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity), not every CPU of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def is_x86() -> bool:

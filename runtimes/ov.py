@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -106,8 +107,93 @@ def _onnx_metadata(onnx_path: Path) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
+PerformanceHint = Literal["LATENCY", "THROUGHPUT"]
+
+
+def compile_for(path: str | Path, *, precision: str = "fp32", device: str = "CPU", threads: int | None = None,
+                cache_dir: str | Path | None = None, inference_precision: InferencePrecision | None = None,
+                hint: PerformanceHint = "LATENCY", streams: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """Read and compile an OpenVINO model as a user deploys it: the performance hint set, the inference precision
+    pinned and read back (never silently substituted). Returns (core, compiled model, options in effect)."""
+    import openvino as ov
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"openvino precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    wanted = inference_precision or DEFAULT_INFERENCE_PRECISION[precision]
+    if wanted not in ("f32", "bf16", "f16"):
+        raise UsageError(f"openvino inference precision {wanted!r} is not one of f32, bf16, f16.")
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}.")
+
+    core = ov.Core()
+    available = list(core.available_devices)
+    if device not in available:
+        raise BackendUnavailable(
+            f"OpenVINO {ov.__version__} has no device {device!r} here "
+            f"(available: {', '.join(available) or 'none'}); "
+            f"pick one of those, or install the driver/plugin for {device}."
+        )
+    path = require_file(path, "OpenVINO model")
+    if path.suffix == ".xml":
+        require_file(path.with_suffix(".bin"), "OpenVINO weights file")
+
+    try:
+        model = core.read_model(str(path))
+    except Exception as e:
+        raise load_failure(path, "OpenVINO", e) from e
+    _make_batch_dynamic(model, ov)
+    int8_cpu = _rt_info(model, INT8_CPU_KEY)
+    if device == "CPU" and int8_cpu == "vnni" and int8_dot_saturates():
+        raise BackendUnavailable(
+            f"{path} is an INT8 IR with full-range 8-bit weights, exact only on CPUs with VNNI or AMX; this "
+            f"CPU has neither, so its int8 dot products would saturate and the results drift far from FP32. "
+            f"Re-export the INT8 artifacts with --int8-cpu any (or on this machine)."
+        )
+
+    config: dict[str, Any] = {ov.properties.hint.inference_precision: getattr(ov.Type, wanted),
+                              ov.properties.hint.performance_mode: getattr(ov.properties.hint.PerformanceMode, hint)}
+    if threads is not None:
+        config[ov.properties.inference_num_threads] = threads
+    if streams is not None:
+        config[ov.properties.num_streams] = streams
+    if cache_dir is not None:
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            core.set_property({ov.properties.cache_dir: str(cache_dir)})
+        except OSError:
+            cache_dir = None  # a read-only export still runs, only without the compile cache
+    try:
+        compiled = core.compile_model(model, device, config)
+    except Exception as e:
+        raise DeployError(
+            f"OpenVINO could not compile {path} for {device} ({one_line(e)}); check that the model was "
+            f"exported by this tool, or try another --device."
+        ) from e
+
+    in_effect = _type_name(compiled.get_property(ov.properties.hint.inference_precision))
+    if in_effect != wanted:
+        # OpenVINO substitutes a supported precision without telling; report it instead of measuring a lie.
+        caps = ", ".join(core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
+        raise BackendUnavailable(
+            f"OpenVINO on {device} computes in {in_effect} although {wanted} was requested: this device does not "
+            f"support {wanted} (its capabilities: {caps}); request a precision it supports."
+        )
+    options: dict[str, Any] = {
+        "device": device,
+        "device_name": core.get_property(device, "FULL_DEVICE_NAME"),
+        "threads": int(compiled.get_property(ov.properties.inference_num_threads)),
+        "streams": int(compiled.get_property(ov.properties.num_streams)),
+        "performance_hint": hint,
+        "inference_precision": in_effect,
+        "cache_dir": str(cache_dir) if cache_dir is not None else None,
+        "int8_cpu": int8_cpu,
+    }
+    return core, compiled, options
+
+
 class OpenVINORunner:
-    """Runs an OpenVINO IR (.xml) or an .onnx file with OpenVINO on one device, at a pinned inference precision."""
+    """Runs an OpenVINO IR (.xml) or an .onnx file with OpenVINO on one device, at a pinned inference precision,
+    under the LATENCY hint (one request at a time)."""
 
     def __init__(
         self,
@@ -119,78 +205,15 @@ class OpenVINORunner:
         cache_dir: str | Path | None = None,
         inference_precision: InferencePrecision | None = None,
     ):
-        import openvino as ov
-
-        if precision not in PRECISIONS:
-            raise UsageError(f"openvino precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
-        wanted = inference_precision or DEFAULT_INFERENCE_PRECISION[precision]
-        if wanted not in ("f32", "bf16", "f16"):
-            raise UsageError(f"openvino inference precision {wanted!r} is not one of f32, bf16, f16.")
-        if threads is not None and threads < 1:
-            raise UsageError(f"threads must be at least 1, got {threads}.")
-
-        core = ov.Core()
-        available = list(core.available_devices)
-        if device not in available:
-            raise BackendUnavailable(
-                f"OpenVINO {ov.__version__} has no device {device!r} here "
-                f"(available: {', '.join(available) or 'none'}); "
-                f"pick one of those, or install the driver/plugin for {device}."
-            )
-        self.path = require_file(path, "OpenVINO model")
-        if self.path.suffix == ".xml":
-            require_file(self.path.with_suffix(".bin"), "OpenVINO weights file")
-
-        try:
-            model = core.read_model(str(self.path))
-        except Exception as e:
-            raise load_failure(self.path, "OpenVINO", e) from e
-        _make_batch_dynamic(model, ov)
-        int8_cpu = _rt_info(model, INT8_CPU_KEY)
-        if device == "CPU" and int8_cpu == "vnni" and int8_dot_saturates():
-            raise BackendUnavailable(
-                f"{self.path} is an INT8 IR with full-range 8-bit weights, exact only on CPUs with VNNI or AMX; this "
-                f"CPU has neither, so its int8 dot products would saturate and the results drift far from FP32. "
-                f"Re-export the INT8 artifacts with --int8-cpu any (or on this machine)."
-            )
-
-        config: dict[str, Any] = {ov.properties.hint.inference_precision: getattr(ov.Type, wanted)}
-        if threads is not None:
-            config[ov.properties.inference_num_threads] = threads
-        if cache_dir is not None:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            core.set_property({ov.properties.cache_dir: str(cache_dir)})
-        try:
-            self._compiled = core.compile_model(model, device, config)
-        except Exception as e:
-            raise DeployError(
-                f"OpenVINO could not compile {self.path} for {device} ({one_line(e)}); check that the model was "
-                f"exported by this tool, or try another --device."
-            ) from e
-
-        in_effect = _type_name(self._compiled.get_property(ov.properties.hint.inference_precision))
-        if in_effect != wanted:
-            # OpenVINO substitutes a supported precision without telling; report it instead of measuring a lie.
-            caps = ", ".join(core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
-            raise BackendUnavailable(
-                f"OpenVINO on {device} computes in {in_effect} although {wanted} was requested: this device does not "
-                f"support {wanted} (its capabilities: {caps}); request a precision it supports."
-            )
-
+        _, self._compiled, self.options = compile_for(path, precision=precision, device=device, threads=threads,
+                                                      cache_dir=cache_dir, inference_precision=inference_precision)
+        self.path = Path(path)
         self.name = f"openvino:{device.lower()}:{precision}"
         self.precision = precision
         self.device = device
         self.inputs = [_spec(p) for p in self._compiled.inputs]
         self.outputs = [_spec(p) for p in self._compiled.outputs]
         self._request = self._compiled.create_infer_request()
-        self.options: dict[str, Any] = {
-            "device": device,
-            "device_name": core.get_property(device, "FULL_DEVICE_NAME"),
-            "threads": int(self._compiled.get_property(ov.properties.inference_num_threads)),
-            "inference_precision": in_effect,
-            "cache_dir": str(cache_dir) if cache_dir is not None else None,
-            "int8_cpu": int8_cpu,
-        }
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.inputs, feeds)
@@ -199,6 +222,39 @@ class OpenVINORunner:
 
     def close(self) -> None:
         self._request = None
+        self._compiled = None
+
+
+class OpenVINOStreams:
+    """OpenVINO under the THROUGHPUT hint: an AsyncInferQueue with as many requests as OpenVINO asks for, on the
+    streams it chooses (or `streams`), as benchmark_app -hint throughput runs it."""
+
+    def __init__(self, path: str | Path, *, precision: str = "fp32", device: str = "CPU", threads: int | None = None,
+                 streams: int | None = None, cache_dir: str | Path | None = None):
+        import openvino as ov
+
+        _, self._compiled, self.options = compile_for(path, precision=precision, device=device, threads=threads,
+                                                      cache_dir=cache_dir, hint="THROUGHPUT", streams=streams)
+        self.requests = int(self._compiled.get_property(ov.properties.optimal_number_of_infer_requests))
+        self.streams = self.options["streams"]
+        self.options["requests"] = self.requests
+        self._queue = ov.AsyncInferQueue(self._compiled, self.requests)
+        self._input = self._compiled.inputs[0]
+
+    def run_for(self, x: np.ndarray, seconds: float):
+        from .throughput import Sample
+
+        latencies: list[float] = []
+        self._queue.set_callback(lambda request, started: latencies.append(time.perf_counter() - started))
+        start = time.perf_counter()
+        deadline = start + seconds
+        while time.perf_counter() < deadline or not latencies:
+            self._queue.start_async({self._input: x}, time.perf_counter())  # waits for a free request
+        self._queue.wait_all()
+        return Sample(len(latencies), len(x), time.perf_counter() - start, tuple(latencies))
+
+    def close(self) -> None:
+        self._queue = None
         self._compiled = None
 
 

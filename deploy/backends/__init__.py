@@ -100,6 +100,16 @@ def open_row(folder: Path, art: Artifact, options: RunnerOptions = RunnerOptions
     return backend.open(folder / art.path, art.precision, options)
 
 
+def open_row_streams(folder: Path, art: Artifact, options: RunnerOptions, streams: int | None):
+    """The throughput counterpart of `open_row` (runtimes.throughput.Streams), after the same checks."""
+    backend = BACKENDS.get(art.backend)
+    if backend is None or backend.status() is not None:
+        open_row(folder, art, options).close()  # raises the reason, worded as for latency
+    for rel, sha in art.files:
+        check_artifact(folder / rel, sha)
+    return BACKENDS[art.backend].open_streams(folder / art.path, art.precision, options, streams)
+
+
 def open_artifact(folder: Path, manifest: Manifest, backend: str, precision: str | None,
                   threads: int | None = None, **options: Any) -> tuple[Runner, Artifact]:
     """A runner for the manifest's (backend, precision) artifact (`Manifest.find`), hash-checked."""
@@ -111,5 +121,5 @@ def open_artifact(folder: Path, manifest: Manifest, backend: str, precision: str
 
 
 __all__ = ["BACKENDS", "EAGER", "Backend", "BuildContext", "Int8Inputs", "RunnerOptions", "artifact_backends",
-           "get", "names", "open_artifact", "open_row", "parse_backends", "reference_backend", "register",
+           "get", "names", "open_artifact", "open_row", "open_row_streams", "parse_backends", "reference_backend", "register",
            "status", "unregister"]

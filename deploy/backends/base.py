@@ -16,6 +16,9 @@ from partialnet.console import Console
 from runtimes.base import Runner
 
 if TYPE_CHECKING:
+    from runtimes.throughput import Streams
+
+if TYPE_CHECKING:
     from calibration.ort_int8 import QuantSession
     from calibration.policy import FloatPolicy
     from calibration.sources import ImageSet
@@ -23,10 +26,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RunnerOptions:
-    """How to open a runner. `for_timing`: it will be timed in turn with other runtimes in this process."""
+    """How to open a runner: CPU threads (None: the library's default)."""
 
     threads: int | None = None
-    for_timing: bool = False
 
 
 @dataclass
@@ -87,4 +89,9 @@ class Backend(Protocol):
         """It cannot run here: write what the target machine needs to build it there (or nothing)."""
 
     def open(self, path: Path, precision: str, options: RunnerOptions) -> Runner:
-        """A runner for the file at `path`, which holds an artifact of `precision`."""
+        """A runner for the file at `path`, which holds an artifact of `precision` (one request at a time, as a
+        latency-bound deployment runs it)."""
+
+    def open_streams(self, path: Path, precision: str, options: RunnerOptions, streams: int | None) -> "Streams":
+        """Many requests in flight, the way this runtime serves a throughput-bound deployment; `streams` None
+        lets the runtime choose."""

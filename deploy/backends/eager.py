@@ -36,6 +36,17 @@ class Eager:
     def open(self, path: Path, precision: str, options: RunnerOptions) -> Runner:
         raise DeployError("eager runs a model, not a file: use open_model.")
 
+    def open_streams(self, path: Path, precision: str, options: RunnerOptions, streams: int | None):
+        raise DeployError("eager runs a model, not a file: use open_model_streams.")
+
+    def open_model_streams(self, model: "torch.nn.Module", input_size: int | None, options: RunnerOptions,
+                           streams: int | None):
+        """Batched calls, one after another, on all of torch's threads: what eager serving does."""
+        from runtimes.throughput import ThreadedStreams
+
+        runner = self.open_model(model, input_size, options)
+        return ThreadedStreams([runner.run], dict(runner.options), runner.close)
+
     def open_model(self, model: "torch.nn.Module", input_size: int | None, options: RunnerOptions) -> Runner:
         from runtimes.eager import EagerRunner
 

@@ -9,6 +9,7 @@ from export.manifest import Artifact
 from partialnet.errors import DeployError
 from runtimes.artifacts import one_line
 from runtimes.base import Runner
+from runtimes.cpu import usable_cores
 
 from .base import BuildContext, Int8Inputs, RunnerOptions
 
@@ -49,5 +50,15 @@ class OnnxRuntime:
 
         if precision not in ("fp32", "fp16", "int8"):
             raise DeployError(f"onnxruntime runs fp32, fp16 and int8 ONNX files, not {precision}.")
-        # Timed in turn with other runtimes in one process, a spinning session would steal the next one's cores.
-        return OrtRunner(path, precision=precision, threads=options.threads, spinning=not options.for_timing)
+        return OrtRunner(path, precision=precision, threads=options.threads)
+
+    def open_streams(self, path: Path, precision: str, options: RunnerOptions, streams: int | None):
+        """Concurrent runs on one session: `streams` caller threads (default: one per usable core), the intra-op
+        threads divided among them."""
+        from runtimes.ort import OrtRunner
+        from runtimes.throughput import ThreadedStreams
+
+        cores = options.threads or usable_cores()
+        streams = streams or cores
+        runner = OrtRunner(path, precision=precision, threads=max(1, cores // streams))
+        return ThreadedStreams([runner.run] * streams, {**runner.options, "threads": cores}, runner.close)

@@ -71,3 +71,10 @@ class OpenVINO:
 
         # OpenVINO's compile cache beside the IR: the second run of an artifact skips compilation.
         return OpenVINORunner(path, precision=precision, threads=options.threads, cache_dir=Path(path).parent / "cache")
+
+    def open_streams(self, path: Path, precision: str, options: RunnerOptions, streams: int | None):
+        """The THROUGHPUT hint and an AsyncInferQueue, streams and requests as OpenVINO chooses (or `streams`)."""
+        from runtimes.ov import OpenVINOStreams
+
+        return OpenVINOStreams(path, precision=precision, threads=options.threads, streams=streams,
+                               cache_dir=Path(path).parent / "cache")

@@ -107,3 +107,10 @@ class TensorRT:
 
         # The GPU runs it: CPU thread counts do not apply.
         return TensorRTRunner(path, precision=precision)  # type: ignore[arg-type]
+
+    def open_streams(self, path: Path, precision: str, options: RunnerOptions, streams: int | None):
+        """One execution context runs one request at a time: batch for throughput (streams is 1)."""
+        from runtimes.throughput import ThreadedStreams
+
+        runner = self.open(path, precision, options)
+        return ThreadedStreams([runner.run], dict(runner.options), runner.close)

@@ -5,17 +5,22 @@ Durations are tiny and nothing asserts how fast anything ran: only the structure
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 from PIL import Image
 
-from deploy.bench import Latency, measure_interleaved, parse_batch_sizes
+from deploy.bench import Latency, parse_batch_sizes
 from deploy.cli import main
 from partialnet.errors import UsageError
 
 ROW_KEYS = {"backend", "precision", "batch_size", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput",
-            "speedup_vs_eager", "top1_agreement", "calls", "runner", "threads"}
+            "images_per_s", "speedup_vs_eager", "top1_agreement", "calls", "runner", "threads", "pid", "affinity",
+            "streams", "noisy", "settle_ms_median"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -78,8 +83,10 @@ def test_files_png_markdown_and_json(bench, folder):
         assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 200
     md = (folder / "bench.md").read_text()
     assert "| backend | precision | batch | p50 ms |" in md
-    assert "![p50 latency against top-1 agreement](bench.png)" in md
-    assert sum(line.startswith(("| eager |", "| onnxruntime |", "| openvino |")) for line in md.splitlines()) == 6
+    assert "![latency or throughput against top-1 agreement](bench.png)" in md
+    assert sum(bool(re.match(r"\| (eager|onnxruntime|openvino) \| fp32 \| [12] \|", line)) for line in md.splitlines()) == 6
+    runner_rows = [line for line in md.splitlines() if re.match(r"\| (eager|onnxruntime/fp32|openvino/fp32) \| \d+ \|", line)]
+    assert len(runner_rows) == 3  # one per runner: its process, threads, CPUs, hint, settle
     assert json.loads((folder / "bench.json").read_text()) == doc
     assert f"wrote {folder / 'bench.json'}" in err
 
@@ -115,26 +122,64 @@ def test_a_changed_prediction_is_reported_with_its_margin(folder, capsys, monkey
     assert row["top1_agreement"] == 0.0 and 0 < row["flipped_margin_max"] and row["ref_margin_median"] > 0
 
 
-def test_runs_are_interleaved_in_slices_and_warmup_is_discarded():
-    now = [0.0]
-    order: list[str] = []
+def _workers(tmp_path, **runners):
+    """One worker process per named LoggingRunner (see tests/helpers.py), each logging to its own file."""
+    from functools import partial
 
-    def clock() -> float:
-        return now[0]
+    from deploy.backends import RunnerOptions
+    from deploy.timing import WorkerSpec, open_workers, send_inputs
+    from helpers import LoggingRunner
 
-    def work(name: str, cost: float):
-        def fn():
-            order.append(name)
-            now[0] += cost
-        return fn
+    specs = [WorkerSpec(name, RunnerOptions(), factory=partial(LoggingRunner, str(tmp_path / f"{name}.log"), **kw))
+             for name, kw in runners.items()]
+    workers = open_workers(specs)
+    send_inputs(workers, {1: np.zeros((1, 3, 4, 4), np.float32)})
+    return workers
 
-    lat = measure_interleaved({"a": work("a", 0.04), "b": work("b", 0.25)}, warmup_s=0.1, duration_s=0.5,
-                              slice_s=0.1, min_calls=2, clock=clock)
-    # Warm-up: one round covers 0.1 s of each. Then timed rounds, each starting with the next function in turn; a
-    # takes three calls to fill a 0.1 s slice, b one; both keep taking turns until both have 0.5 s.
-    assert "".join(order[:4]) == "aaab"
-    assert "".join(order[4:]) == "aaab" "baaa" "aaab" "baaa" "aaab"
-    assert lat["a"].times_s == pytest.approx((0.04,) * 15) and lat["b"].times_s == pytest.approx((0.25,) * 5)
+
+def test_every_runner_times_in_its_own_process_and_only_one_computes_at_a_time(tmp_path):
+    from deploy.timing import close_workers, round_robin
+    from helpers import read_intervals
+
+    workers = _workers(tmp_path, a={}, b={"call_s": 0.004}, c={})
+    try:
+        timed = round_robin(workers, [1], mode="latency", warmup_s=0.02, duration_s=0.1, slice_s=0.03, min_calls=3)
+        pids = {w.info.pid for w in workers}
+    finally:
+        close_workers(workers)
+    assert len(pids) == 3 and os.getpid() not in pids
+    calls = sorted((iv, name) for name in "abc" for iv in read_intervals(tmp_path / f"{name}.log")["call"])
+    for (first, who), (second, other) in zip(calls, calls[1:]):
+        assert first[1] <= second[0] or who == other, (who, other)  # no two workers' calls overlap
+    # Round-robin: the timed slices of the three workers interleave, each round starting with the next worker.
+    slices = sorted((s, k[0]) for k, t in timed.items() for s in t.slices)
+    order = "".join(k for _, k in slices)
+    assert order[:3] in ("abc", "bca", "cab") and set(order[3:6]) == set("abc")
+    assert all(len(t.times_s) >= 3 and sum(t.times_s) >= 0.1 for t in timed.values())
+
+
+@pytest.mark.parametrize("settle", [True, False])
+def test_a_pool_that_spins_after_its_turn_does_not_run_into_the_next(tmp_path, settle):
+    """A runner leaves a thread spinning 80 ms after every call. With the method's settle (the worker answers only
+    once its process is quiet) no other worker computes while it spins; without it (the control), they overlap."""
+    from deploy.timing import close_workers, round_robin
+    from helpers import read_intervals
+
+    workers = _workers(tmp_path, busy={"spin_after_s": 0.08}, probe={})
+    try:
+        if not settle:
+            for w in workers:
+                w.ask("settle", 0.0)
+        round_robin(workers, [1], mode="latency", warmup_s=0.01, duration_s=0.05, slice_s=0.01, min_calls=2)
+    finally:
+        close_workers(workers)
+    spins = read_intervals(tmp_path / "busy.log")["spin"]
+    probe = read_intervals(tmp_path / "probe.log")["call"]
+    overlapping = [c for c in probe if any(s0 < c[1] and c[0] < s1 for s0, s1 in spins)]
+    if settle:
+        assert spins and overlapping == []
+    else:
+        assert overlapping  # the control: the test can see the interference it guards against
 
 
 def test_latency_summary_arithmetic():
