@@ -122,7 +122,7 @@ def cmd_predict(args) -> int:
     import numpy as np
 
     from deploy.inputs import gather_inputs, read_labels
-    from deploy.predict import format_topk, run_batched, topk
+    from deploy.predict import format_topk, require_finite_logits, run_batched, topk
 
     target = Path(args.variant)
     if target.is_dir():
@@ -146,6 +146,7 @@ def cmd_predict(args) -> int:
         logits = run_batched(runner, x, args.batch_size)
     finally:
         runner.close()
+    require_finite_logits(logits, names, runner.name)
     if args.save_logits:
         from partialnet.files import atomic_save_npy
 
@@ -217,6 +218,7 @@ def cmd_export(args) -> int:
 
 def cmd_validate(args) -> int:
     from deploy.validate import ValidateRequest, format_validation, run_validation
+    from partialnet.files import json_text
 
     req = ValidateRequest(
         folder=args.folder,
@@ -231,12 +233,13 @@ def cmd_validate(args) -> int:
         allow_pickle=args.allow_pickle,
     )
     result = run_validation(req, log=_stderr(args), show_progress=not args.quiet)
-    print(json.dumps(result.document, indent=2) if args.json else format_validation(result.document))
+    print(json_text(result.document) if args.json else format_validation(result.document))
     return 0 if result.passed else 3
 
 
 def cmd_bench(args) -> int:
     from deploy.bench import BenchRequest, format_bench, parse_batch_sizes, run_bench
+    from partialnet.files import json_text
 
     req = BenchRequest(
         folder=args.folder,
@@ -248,7 +251,7 @@ def cmd_bench(args) -> int:
         allow_pickle=args.allow_pickle,
     )
     result = run_bench(req, log=_stderr(args), show_progress=not args.quiet)
-    print(json.dumps(result.document, indent=2) if args.json else format_bench(result.document))
+    print(json_text(result.document) if args.json else format_bench(result.document))
     return 0
 
 
