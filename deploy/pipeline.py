@@ -5,8 +5,6 @@ interrupted export never leaves a folder that looks complete. An existing destin
 """
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,13 +21,15 @@ from export.reparam import reparameterize_model_with_summary
 from export.to_onnx import DEFAULT_OPSET, GraphStats, export_onnx, save_onnx, set_metadata
 from partialnet import build_model
 from partialnet.errors import UsageError
-from partialnet.files import DIR_MODE, atomic_write_json, atomic_write_text
+from partialnet.files import atomic_write_json, atomic_write_text
 from partialnet.profile import count_macs, count_params
 from runtimes.base import INPUT_NAME, OUTPUT_NAME
 
 from .backends import build_backends, parse_backends
 from .drift import TOLERANCES, Drift
+from .precisions import parse_precisions
 from .report import Report
+from .staging import ExportStaging as _Staging
 
 ONNX_FP32 = "model.onnx"
 CHECK_SAMPLES = 8
@@ -70,6 +70,9 @@ class ExportRequest:
     bench: bool = True
     quiet: bool = False
 
+    def __post_init__(self) -> None:
+        self.precisions = parse_precisions(self.precisions)  # fp32 always, whatever a caller passes
+
 
 @dataclass
 class ExportResult:
@@ -81,32 +84,6 @@ class ExportResult:
 
 def default_output(variant: str, input_size: int, default_size: int) -> Path:
     return Path("exports") / (variant if input_size == default_size else f"{variant}_{input_size}")
-
-
-class _Staging:
-    """A hidden folder beside `dest` that becomes `dest` on commit and disappears on failure."""
-
-    def __init__(self, dest: Path, force: bool):
-        if dest.exists() and not force:
-            raise UsageError(f"{dest} exists; pass --force to overwrite it, or choose another --output.")
-        if dest.exists() and not dest.is_dir():
-            raise UsageError(f"{dest} exists and is not a folder; choose another --output.")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        self.dest = dest
-        self.path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-        os.chmod(self.path, DIR_MODE)
-
-    def commit(self) -> None:
-        old = None
-        if self.dest.exists():
-            old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
-            os.replace(self.dest, old)
-        os.replace(self.path, self.dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def ort_logits(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
@@ -280,7 +257,7 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> Export
     size = req.input_size or lm.variant.preprocess.input_size
     pp = lm.variant.preprocess.at(size)
     dest = Path(req.output) if req.output else default_output(lm.variant.name, size, lm.variant.preprocess.input_size)
-    staging = _Staging(dest, req.force)
+    staging = _Staging(dest, req.force, inputs=(req.checkpoint, req.val_data, req.calib_data))
     try:
         result = _export_into(req, lm, size, pp, staging.path, log, timings, selected, shown_as=str(dest))
         staging.commit()
