@@ -177,6 +177,7 @@ def _artifact_runner(args, folder):
 
 def cmd_export(args) -> int:
     from deploy.pipeline import ExportRequest, run_export
+    from deploy.precisions import parse_precisions
 
     req = ExportRequest(
         variant=args.variant,
@@ -194,7 +195,7 @@ def cmd_export(args) -> int:
         check=not args.no_check,
         threads=args.threads,
         backends=args.backends,
-        precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
+        precisions=parse_precisions(args.precisions),
         int8=args.int8,
         calib_data=args.calib_data,
         calib_size=args.calib_size,
