@@ -17,6 +17,7 @@ from calibration.sources import default_images
 from export.manifest import Manifest
 from partialnet.errors import UsageError
 from partialnet.files import atomic_write_json, atomic_write_text
+from partialnet.resources import config_from_dict, require_memory
 from partialnet.variants import Preprocess
 from runtimes.base import INPUT_NAME
 
@@ -185,6 +186,8 @@ def run_bench(req: BenchRequest, log: Log = print, show_progress: bool = False) 
 
     folder = Path(req.folder)
     manifest = Manifest.load(folder)
+    require_memory(config_from_dict(manifest.architecture), manifest.input_size, max(req.batch_sizes),
+                   f"deploy bench --batch-sizes {','.join(map(str, req.batch_sizes))}")
     rows = select_rows(manifest, req.backends)
     pp = Preprocess.from_dict(manifest.preprocess)
     images = default_images(ACCURACY_SAMPLES, pp, seed=0)

@@ -8,6 +8,7 @@ import torch
 from partialnet import LoadedModel, variant_config
 from partialnet.model import PartialNet
 from partialnet.profile import count_macs, count_params
+from partialnet.resources import require_memory
 from partialnet.variants import VARIANTS
 
 
@@ -56,6 +57,7 @@ def _fmt(v: Any) -> str:
 
 def model_info(lm: LoadedModel, input_size: int) -> dict[str, Any]:
     cfg = lm.config
+    require_memory(cfg, input_size, 1, f"--input-size {input_size}")
     info: dict[str, Any] = {
         "variant": lm.variant.name,
         "architecture": cfg.to_dict(),

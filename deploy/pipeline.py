@@ -23,6 +23,7 @@ from partialnet import build_model
 from partialnet.errors import UsageError
 from partialnet.files import atomic_write_json, atomic_write_text
 from partialnet.profile import count_macs, count_params
+from partialnet.resources import require_memory
 from runtimes.base import INPUT_NAME, OUTPUT_NAME
 
 from .backends import build_backends, parse_backends
@@ -36,6 +37,7 @@ CHECK_SAMPLES = 8
 CALIB_SIZE = 512
 DEFAULT_CALIB_IMAGES = 128  # the embedded default set: all of it is used when --calib-size asks for more
 VALIDATE_SAMPLES = 64
+VALIDATE_BATCH = 16  # ValidateRequest's default batch
 BENCH_WARMUP_S, BENCH_DURATION_S = 0.5, 2.0
 SIMPLIFY_RTOL = 1e-5
 
@@ -256,6 +258,7 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> Export
     lm = build_model(req.variant, req.checkpoint, spatial_attn=req.spatial_attn, allow_pickle=req.allow_pickle, log=log)
     size = req.input_size or lm.variant.preprocess.input_size
     pp = lm.variant.preprocess.at(size)
+    require_memory(lm.config, size, max(req.check_samples, VALIDATE_BATCH), f"deploy export --input-size {size}")
     dest = Path(req.output) if req.output else default_output(lm.variant.name, size, lm.variant.preprocess.input_size)
     staging = _Staging(dest, req.force, inputs=(req.checkpoint, req.val_data, req.calib_data))
     try:

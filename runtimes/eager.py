@@ -26,6 +26,12 @@ class EagerRunner:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.inputs, feeds, multiple_of=32)
+        cfg = getattr(self.model, "cfg", None)
+        if cfg is not None:
+            from partialnet.resources import require_memory
+
+            x = feeds[INPUT_NAME]
+            require_memory(cfg, max(x.shape[2:]), x.shape[0], f"{self.name} on {x.shape[0]} image(s)")
         with torch.inference_mode():
             out = self.model(torch.from_numpy(feeds[INPUT_NAME]).to(self.device))
         return {OUTPUT_NAME: out.float().cpu().numpy()}
