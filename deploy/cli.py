@@ -49,6 +49,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _threads(text: str) -> int:
+    from runtimes.cpu import check_threads
+
+    try:
+        return check_threads(_positive_int(text))
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--threads ").rstrip(".")) from None
+
+
 def _input_size(text: str) -> int:
     value = _positive_int(text)
     if value % 32:
@@ -290,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=_positive_int, default=5, help="classes to show per image (default 5)")
     p.add_argument("--labels", help="text file with one class name per line")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads")
+    p.add_argument("--threads", type=_threads, default=None, help="CPU threads")
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("export", parents=[common], help="reparameterize, export ONNX, check against eager")
@@ -304,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     p.add_argument("--no-check", action="store_true", help="skip the post-export check against eager")
     p.add_argument("--val-data", help="images for the checks: folder (class subfolders = labels), .txt list, or .npy")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for runtimes")
+    p.add_argument("--threads", type=_threads, default=None, help="CPU threads for runtimes")
     p.add_argument("--backends", help="comma-separated: onnxruntime,openvino,tensorrt (default: every backend usable "
                    "here; a requested one that cannot run here is reported as skipped, with the reason)")
     p.add_argument("--int8", action="store_true", help="also build INT8 artifacts for every backend, calibrated")
@@ -341,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail if an artifact's top-1 is more than P percentage points below eager's (needs labels)")
     p.add_argument("--min-agreement", type=_non_negative_float, default=None, metavar="A",
                    help="fail if an artifact's top-1 agrees with eager's on less than fraction A of the images")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for eager and the runtimes")
+    p.add_argument("--threads", type=_threads, default=None, help="CPU threads for eager and the runtimes")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling images and the bootstrap (default 0)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -355,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", metavar="DIR", help="export folder made by 'deploy export'")
     p.add_argument("--backends", help="comma-separated backends to time (default: every artifact in the manifest)")
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=_threads, default=None,
                    help="CPU threads for eager and the runtimes (default: each library's own default)")
     p.add_argument("--warmup-s", type=_non_negative_float, default=1.0,
                    help="untimed seconds per runner and batch size before timing (default 1; at least one call)")

@@ -17,7 +17,9 @@ class EagerRunner:
         self.model = model.eval().to(device)
         self.device = device
         if threads:
-            torch.set_num_threads(threads)
+            from .cpu import check_threads
+
+            torch.set_num_threads(check_threads(threads))
         self.input_size = input_size
         n_cls = num_classes if num_classes is not None else getattr(getattr(model, "cfg", None), "num_classes", None)
         self.name = f"eager:{device}:fp32"

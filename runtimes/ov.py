@@ -17,7 +17,7 @@ from partialnet.errors import DeployError, UsageError
 
 from .artifacts import load_failure, one_line, require_file
 from .base import BackendUnavailable, TensorSpec, check_feeds
-from .cpu import int8_dot_saturates
+from .cpu import check_threads, int8_dot_saturates
 
 InferencePrecision = Literal["f32", "bf16", "f16"]
 
@@ -126,8 +126,7 @@ class OpenVINORunner:
         wanted = inference_precision or DEFAULT_INFERENCE_PRECISION[precision]
         if wanted not in ("f32", "bf16", "f16"):
             raise UsageError(f"openvino inference precision {wanted!r} is not one of f32, bf16, f16.")
-        if threads is not None and threads < 1:
-            raise UsageError(f"threads must be at least 1, got {threads}.")
+        check_threads(threads)
 
         core = ov.Core()
         available = list(core.available_devices)
