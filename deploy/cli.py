@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     show_tb = "--traceback" in argv
+    from runtimes.telemetry import disable_openvino_telemetry
+
+    disable_openvino_telemetry()
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)

@@ -18,6 +18,9 @@ from partialnet.errors import DeployError, UsageError
 from .artifacts import load_failure, one_line, require_file
 from .base import BackendUnavailable, TensorSpec, check_feeds
 from .cpu import check_threads, int8_dot_saturates
+from .telemetry import disable_openvino_telemetry
+
+disable_openvino_telemetry()  # before anything here imports openvino
 
 InferencePrecision = Literal["f32", "bf16", "f16"]
 
