@@ -159,8 +159,10 @@ class OpenVINORunner:
         config: dict[str, Any] = {ov.properties.hint.inference_precision: getattr(ov.Type, wanted)}
         if threads is not None:
             config[ov.properties.inference_num_threads] = threads
+        cache_note = None
         if cache_dir is not None:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            cache_dir, cache_note = usable_cache_dir(Path(cache_dir))
+        if cache_dir is not None:
             core.set_property({ov.properties.cache_dir: str(cache_dir)})
         try:
             self._compiled = core.compile_model(model, device, config)
@@ -191,6 +193,7 @@ class OpenVINORunner:
             "threads": int(self._compiled.get_property(ov.properties.inference_num_threads)),
             "inference_precision": in_effect,
             "cache_dir": str(cache_dir) if cache_dir is not None else None,
+            "cache_note": cache_note,
             "int8_cpu": int8_cpu,
         }
 
@@ -202,6 +205,33 @@ class OpenVINORunner:
     def close(self) -> None:
         self._request = None
         self._compiled = None
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)  # os.access is not enough (root, ACLs, ro mounts)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def usable_cache_dir(preferred: Path) -> tuple[Path | None, str | None]:
+    """`preferred` if this process can write there; else a per-user cache folder for it; else None (no cache).
+
+    The second value is the note to show once when the preferred folder could not be used (a read-only export).
+    """
+    if _writable_dir(preferred):
+        return preferred, None
+    import hashlib
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "partialnet-deploy" / "openvino"
+    fallback = base / hashlib.sha256(str(preferred.resolve()).encode()).hexdigest()[:16]
+    if _writable_dir(fallback):
+        return fallback, f"{preferred} is not writable; OpenVINO caches compiled models in {fallback} instead"
+    return None, f"{preferred} is not writable (nor {base}); OpenVINO compiles without a cache (a slower start)"
 
 
 def _make_batch_dynamic(model: Any, ov: Any) -> None:
