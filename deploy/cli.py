@@ -181,6 +181,8 @@ def _artifact_runner(args, folder):
         model = eager_from_manifest(manifest, allow_pickle=args.allow_pickle, log=_stderr(args))
         return EagerRunner(model, manifest.input_size, threads=args.threads), pp, manifest.input_size
     runner, _ = open_artifact(folder, manifest, args.backend, args.precision, args.threads)
+    if getattr(runner, "options", {}).get("cache_note"):
+        _stderr(args)(f"note: {runner.options['cache_note']}")
     return runner, pp, manifest.input_size
 
 
@@ -380,9 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     show_tb = "--traceback" in argv
-    from runtimes.telemetry import disable_openvino_telemetry
+    from runtimes.telemetry import disable_telemetry
 
-    disable_openvino_telemetry()
+    disable_telemetry()
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)

@@ -11,6 +11,9 @@ from partialnet.errors import UsageError
 from .artifacts import load_failure, require_file
 from .base import BackendUnavailable, TensorSpec, check_feeds
 from .cpu import check_threads, int8_dot_saturates
+from .telemetry import disable_onnxruntime_telemetry
+
+disable_onnxruntime_telemetry()  # before anything here imports onnxruntime
 
 GraphOptimization = Literal["all", "extended", "basic", "disabled"]
 Device = Literal["cpu", "cuda"]
