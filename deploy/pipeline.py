@@ -18,7 +18,7 @@ import torch
 from calibration.sources import ImageSet, default_images, load_images
 from export.manifest import Artifact, Manifest, metadata_props
 from export.reparam import reparameterize_model_with_summary
-from export.to_onnx import DEFAULT_OPSET, GraphStats, export_onnx, save_onnx, set_metadata
+from export.to_onnx import DEFAULT_OPSET, GraphStats, check_opset, export_onnx, save_onnx, set_metadata
 from partialnet import build_model
 from partialnet.errors import UsageError
 from partialnet.files import atomic_write_json, atomic_write_text
@@ -255,6 +255,7 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> Export
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     selected = parse_backends(req.backends)  # a bad --backends fails before any work
+    check_opset(req.opset, req.exporter)
     lm = build_model(req.variant, req.checkpoint, spatial_attn=req.spatial_attn, allow_pickle=req.allow_pickle, log=log)
     size = req.input_size or lm.variant.preprocess.input_size
     pp = lm.variant.preprocess.at(size)
