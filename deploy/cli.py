@@ -404,6 +404,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a write some library made itself: full disk, read-only folder
+        from partialnet.files import os_error
+
+        known = os_error(e)
+        if known is None or show_tb:
+            raise
+        print(f"{PROG}: error: {_one_line(str(known))}", file=sys.stderr)
+        return known.exit_code
     except Exception as e:  # anything unforeseen still ends as one line, not a traceback
         if show_tb:
             raise

@@ -65,6 +65,13 @@ def write_error(dest: Path, e: OSError) -> DeployError:
     return DeployError(f"cannot write {dest}: {e.strerror or e}.")
 
 
+def os_error(e: OSError) -> DeployError | None:
+    """A one-line DeployError for an OSError whose cause the user can act on (space, permissions); else None."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+        return None
+    return write_error(Path(e.filename) if e.filename else Path("."), e)
+
+
 def free_space(path: str | Path) -> str:
     """Free space on the file system holding `path` (or its nearest existing parent), e.g. '1.2 GB'."""
     p = Path(path).absolute()

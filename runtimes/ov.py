@@ -14,6 +14,7 @@ from typing import Any, Literal, Mapping
 import numpy as np
 
 from partialnet.errors import DeployError, UsageError
+from partialnet.files import free_space, write_error
 
 from .artifacts import load_failure, one_line, require_file
 from .base import BackendUnavailable, TensorSpec, check_feeds
@@ -93,10 +94,20 @@ def save_ir(model: Any, xml_dest: str | Path, *, force: bool = False) -> Path:
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{xml_dest.stem}.", suffix=".tmp", dir=xml_dest.parent))
     try:
         tmp_xml = tmp_dir / xml_dest.name
-        ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+        try:
+            ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+        except Exception as e:  # a failed write surfaces as a C++ iostream error that names no cause
+            raise DeployError(
+                f"OpenVINO could not write the IR {xml_dest.name} into {xml_dest.parent} ({one_line(e)}); "
+                f"{free_space(xml_dest.parent)} is free on that disk, and a full disk is the usual cause: free some "
+                f"space (or choose another --output) and run again."
+            ) from e
         # The .bin goes first: a reader opens the .xml, so the .xml appearing last marks the pair complete.
-        os.replace(tmp_xml.with_suffix(".bin"), xml_dest.with_suffix(".bin"))
-        os.replace(tmp_xml, xml_dest)
+        try:
+            os.replace(tmp_xml.with_suffix(".bin"), xml_dest.with_suffix(".bin"))
+            os.replace(tmp_xml, xml_dest)
+        except OSError as e:
+            raise write_error(xml_dest, e) from e
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return xml_dest
