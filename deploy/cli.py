@@ -407,17 +407,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # a write some library made itself: full disk, read-only folder
         from partialnet.files import os_error
 
-        known = os_error(e)
-        if known is None or show_tb:
+        if show_tb:
             raise
+        known = os_error(e)
+        if known is None:
+            return _internal(e)
         print(f"{PROG}: error: {_one_line(str(known))}", file=sys.stderr)
         return known.exit_code
     except Exception as e:  # anything unforeseen still ends as one line, not a traceback
         if show_tb:
             raise
-        print(f"{PROG}: error: internal error: {type(e).__name__}: {_one_line(str(e))} (rerun with --traceback)",
-              file=sys.stderr)
-        return 1
+        return _internal(e)
+
+
+def _internal(e: BaseException) -> int:
+    text = _one_line(str(e))
+    text = text if len(text) <= 300 else text[:297] + "..."
+    print(f"{PROG}: error: internal error: {type(e).__name__}: {text} (rerun with --traceback)", file=sys.stderr)
+    return 1
 
 
 def _one_line(text: str) -> str:
