@@ -148,7 +148,9 @@ def test_decomposition_splits_export_runtime_and_quantization(folder, tmp_path, 
     assert (q["reference"], q["candidate"]) == ("onnxruntime/fp32", "onnxruntime/int8")
     assert q["max_abs_logit_error"] == 0.0 and q["top1_agreement"] == 1.0
     [int8] = [a for a in doc["artifacts"] if a["precision"] == "int8"]
-    assert int8["tolerance"] == {"min_top1_agreement": 0.9, "min_cosine": 0.97, "noise_multiple": 4.0}
+    rule = int8["tolerance"].pop("rule")
+    assert int8["tolerance"] == {"min_decided_top1_agreement": 0.9, "min_cosine": 0.97, "noise_multiple": 4.0}
+    assert "on the images whose eager top-1 margin exceeds 3 x sqrt(2) x the artifact's logit noise" in rule
     assert doc["decomposition"]["export"][0]["max_abs_logit_error"] == doc["artifacts"][1]["max_abs_logit_error"]
 
 
@@ -193,7 +195,8 @@ def test_drift_says_how_decided_the_changed_predictions_were():
     assert d.ref_margin_median == pytest.approx((0.5 + 2.0) / 2)
     note = disagreement_note("x int8", d.to_dict())
     assert note == ("x int8: top-1 changed on 1 of 4 images, whose eager top-1 margin is at most 0.1 logits "
-                    "(median margin on this set 1.25, mean |logit error| 0.0167)")
+                    "(median margin on this set 1.25, mean |logit error| 0.0167); 0 of the changes on the 3 images "
+                    "decided beyond its logit noise (margin > 0.235)")
     wrong = ref.copy()
     wrong[0] = [0.0, 1.0, 3.0]  # a decided image (margin 2) predicted otherwise: a real error
     d = Drift.between(ref, wrong)
