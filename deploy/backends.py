@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 
 from export.manifest import Artifact, Manifest
-from partialnet.errors import DeployError, UsageError
+from partialnet.errors import DeployError, UsageError, WriteError
 from runtimes.base import INPUT_NAME, OUTPUT_NAME
 from runtimes.factory import BACKENDS, backend_status, open_runner
 
@@ -85,6 +85,8 @@ def build_backends(
                 continue
             try:
                 art = _build(folder, manifest, backend, precision, onnx_path, x.shape[-1])
+            except WriteError:  # a full disk is not a reason to skip a backend: the export stops
+                raise
             except DeployError as e:
                 _skip(manifest, backend, precision, str(e), log)
                 continue

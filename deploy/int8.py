@@ -32,7 +32,7 @@ from calibration.policy import DEFAULT_POLICY, FloatPolicy
 from calibration.sensitivity import Target, sensitivity_pass
 from calibration.sources import ImageSet
 from export.manifest import Artifact, Manifest, metadata_props
-from partialnet.errors import DeployError, UsageError
+from partialnet.errors import DeployError, UsageError, WriteError
 from runtimes.base import INPUT_NAME, OUTPUT_NAME
 
 from .drift import TOLERANCES, Drift
@@ -175,6 +175,8 @@ def build_int8_artifacts(
                 elif backend == "tensorrt":
                     report["artifacts"].update(_build_tensorrt(
                         folder, manifest, calib, val, policy, session, metadata, ref_calib, ref_val, threads, force, log))
+            except WriteError:  # a full disk is not a reason to skip a backend: the export stops
+                raise
             except DeployError as e:
                 # Rows of this backend added before the failure go, with their files: no half-built backend.
                 for art in manifest.artifacts[rows_before:]:

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import DeployError, UsageError
+from .errors import DeployError, UsageError, WriteError
 
 
 def _umask() -> int:
@@ -54,15 +54,15 @@ def atomic_path(dest: str | Path, *, force: bool = False, mode: int = FILE_MODE)
             tmp_path.unlink()
 
 
-def write_error(dest: Path, e: OSError) -> DeployError:
+def write_error(dest: Path, e: OSError) -> WriteError:
     """One line for a failed write: what could not be written, why, and (for a full disk) how much space is left."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DeployError(f"cannot write {dest}: no space left on the device ({free_space(dest)} free there); "
+        return WriteError(f"cannot write {dest}: no space left on the device ({free_space(dest)} free there); "
                            f"free some space and run again. Nothing half-written was kept.")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return DeployError(f"cannot write {dest}: {e.strerror.lower() if e.strerror else 'not permitted'}; "
+        return WriteError(f"cannot write {dest}: {e.strerror.lower() if e.strerror else 'not permitted'}; "
                            f"choose a writable location.")
-    return DeployError(f"cannot write {dest}: {e.strerror or e}.")
+    return WriteError(f"cannot write {dest}: {e.strerror or e}.")
 
 
 def os_error(e: OSError) -> DeployError | None:

@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 
-from partialnet.errors import DeployError, UsageError
+from partialnet.errors import DeployError, UsageError, WriteError
 from partialnet.files import free_space, write_error
 
 from .artifacts import load_failure, one_line, require_file
@@ -97,7 +97,7 @@ def save_ir(model: Any, xml_dest: str | Path, *, force: bool = False) -> Path:
         try:
             ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
         except Exception as e:  # a failed write surfaces as a C++ iostream error that names no cause
-            raise DeployError(
+            raise WriteError(
                 f"OpenVINO could not write the IR {xml_dest.name} into {xml_dest.parent} ({one_line(e)}); "
                 f"{free_space(xml_dest.parent)} is free on that disk, and a full disk is the usual cause: free some "
                 f"space (or choose another --output) and run again."
