@@ -91,11 +91,14 @@ class Manifest:
             raise DeployError(f"{folder} has no {MANIFEST}; it is not an export folder made by 'deploy export'.")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(d, dict):
+                kind = {type(None): "null", list: "an array", str: "a string", bool: "a boolean"}.get(type(d), "a number")
+                raise TypeError(f"it holds {kind}, not a JSON object")
             known = {"backend", "precision", "path", "sha256", "bytes"}
             arts = [Artifact(a["backend"], a["precision"], a["path"], a["sha256"], a.get("bytes", 0),
                              {k: v for k, v in a.items() if k not in known}) for a in d.pop("artifacts")]
             return cls(artifacts=arts, **d)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise DeployError(f"{path} is not a valid manifest ({type(e).__name__}: {e}); re-run 'deploy export --force'.") from e
 
 

@@ -624,3 +624,15 @@ def test_sweep_an_interrupted_export_leaves_nothing(tmp_path, capsys, monkeypatc
     rc, stdout, err = run(capsys, "export", "partialnet_t0", "--checkpoint", TINY, "--output", out, *QUICK)
     assert rc == 130 and stdout == "" and err == "deploy: interrupted\n"
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("text,needle", [("null", "it holds null, not a JSON object"),
+                                         ("[]", "it holds an array, not a JSON object"),
+                                         ('{"variant": "partialnet_t0"}', "KeyError: 'artifacts'")])
+def test_sweep_a_manifest_that_is_not_one_is_one_line(folder, tmp_path, capsys, text, needle):
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "manifest.json").write_text(text)
+    rc, _, err = run(capsys, "predict", copy, "--backend", "onnxruntime", "--inputs", X64)
+    line = one_line(err)
+    assert rc == 1 and "manifest.json is not a valid manifest" in line and needle in line
