@@ -17,6 +17,7 @@ from calibration.sources import ImageSet, default_images, load_images
 from export.manifest import Artifact, Manifest
 from partialnet.errors import DeployError, UsageError
 from partialnet.files import atomic_write_json, atomic_write_text
+from partialnet.resources import config_from_dict, require_memory
 from partialnet.variants import Preprocess
 from runtimes.base import BackendUnavailable, Runner
 from runtimes.factory import BACKENDS
@@ -369,6 +370,8 @@ def run_validation(req: ValidateRequest, log: Log = print, show_progress: bool =
     pp = Preprocess.from_dict(manifest.preprocess)
     gates = Gates(req.max_top1_drop, req.min_agreement)
     images = read_images(req.data, pp, req.samples, req.seed, show_progress)
+    require_memory(config_from_dict(manifest.architecture), manifest.input_size, min(req.batch_size, len(images)),
+                   f"deploy validate --batch-size {req.batch_size}")
     labels = _checked_labels(images, manifest.num_classes, gates, log)
     if not images.user_data:
         log(f"note: validating on the {images.source}; these images have no labels, so accuracy is not measured, "
