@@ -20,7 +20,6 @@ from export.manifest import Artifact, Manifest, metadata_props
 from export.reparam import reparameterize_model_with_summary
 from export.to_onnx import DEFAULT_OPSET, GraphStats, check_opset, export_onnx, save_onnx, set_metadata
 from partialnet import build_model
-from partialnet.errors import UsageError
 from partialnet.files import atomic_write_json, atomic_write_text
 from partialnet.profile import count_macs, count_params
 from partialnet.resources import require_memory
