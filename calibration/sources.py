@@ -67,6 +67,21 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and next(iter(iter_image_files(d)), None) is not None)
 
 
+def _require_no_empty_class(folder: Path, classes: list[Path]) -> None:
+    """A class subfolder without images would silently shift every later label (labels are sorted positions)."""
+    from partialnet.errors import UsageError
+
+    every = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    empty = [d.name for d in every if d not in classes]
+    if empty:
+        names = ", ".join(f"{n}/" for n in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        raise UsageError(
+            f"{folder}: class subfolder(s) {names} hold no images ({len(every)} subfolders, {len(classes)} with "
+            f"images). Labels are subfolder positions in sorted order (as torchvision's ImageFolder), so an empty "
+            f"class would shift the label of every class after it; add its images, or remove the folder."
+        )
+
+
 def _sample(groups: list[list[int]], limit: int | None, rng: np.random.Generator) -> list[int]:
     """Seeded sample of at most `limit` indices, round-robin across groups so every class is represented."""
     total = sum(len(g) for g in groups)
@@ -97,6 +112,7 @@ def image_files(path: str | Path) -> tuple[list[Path], list[int] | None, list[st
         classes = _class_dirs(path)
         loose = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp")]
         if classes and not loose:
+            _require_no_empty_class(path, classes)
             files, labels = [], []
             for idx, d in enumerate(classes):
                 for f in iter_image_files(d):
@@ -129,14 +145,17 @@ def load_images(path: str | Path, pp: Preprocess, *, limit: int | None = None, s
 
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        arr = np.load(path, allow_pickle=False) if path.is_file() else None
-        if arr is None:
+        from partialnet.arrays import read_npy, require_finite
+
+        if not path.exists():
             raise UsageError(f"data path {path} does not exist.")
+        arr = read_npy(path, f"data array {path}")
         if arr.dtype != np.float32 or arr.ndim != 4 or arr.shape[1:] != (3, pp.input_size, pp.input_size):
             raise UsageError(
                 f"{path} holds {arr.dtype} {list(arr.shape)}; expected preprocessed float32 "
                 f"[N, 3, {pp.input_size}, {pp.input_size}]."
             )
+        require_finite(arr, f"data array {path}", "Preprocess the images again, or drop those rows.")
         idx = _sample([list(range(len(arr)))], limit, np.random.default_rng(seed))
         return ImageSet(arr[idx], f"array {path} ({len(idx)} of {len(arr)} rows)", names=[f"{path.name}[{i}]" for i in idx])
     files, labels, class_names, what = image_files(path)

@@ -16,10 +16,11 @@ import numpy as np
 
 from calibration.sources import default_images
 from export.layout import BENCH
-from export.manifest import Artifact
+from export.manifest import Artifact, Manifest
 from partialnet.console import SILENT, Console
 from partialnet.errors import UsageError
 from partialnet.files import atomic_write_json, atomic_write_text
+from partialnet.resources import config_from_dict, require_memory
 from partialnet.variants import Preprocess
 from runtimes.compare import Drift, disagreement_notes, run_all
 from runtimes.cpu import usable_cores
@@ -140,6 +141,10 @@ def bench_inputs(images: np.ndarray, batch_size: int) -> np.ndarray:
 
 def run_bench(req: BenchRequest, console: Console = SILENT) -> Bench:
     """`deploy bench DIR`: open the export from disk and time eager and every selected row."""
+    manifest = Manifest.load(req.folder)
+    sizes = req.settings.batch_sizes
+    require_memory(config_from_dict(manifest.architecture), manifest.input_size, max(sizes),
+                   f"deploy bench --batch-sizes {','.join(map(str, sizes))}")
     export = open_export(req.folder, allow_pickle=req.allow_pickle, console=console)
     return bench_export(export, select_rows(export.manifest, req.backends), req.settings, console)
 

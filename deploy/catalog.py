@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Any
 
 from partialnet.config import variant_config
 from partialnet.cost import mac_count, param_count
+from partialnet.resources import require_memory
 from partialnet.variants import VARIANTS
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ def model_info(lm: "LoadedModel", input_size: int) -> dict[str, Any]:
     from partialnet.profile import count_macs, count_params
 
     cfg = lm.config
+    require_memory(cfg, input_size, 1, f"--input-size {input_size}")
     info: dict[str, Any] = {
         "variant": lm.variant.name,
         "architecture": cfg.to_dict(),

@@ -52,6 +52,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _threads(text: str) -> int:
+    from runtimes.cpu import check_threads
+
+    try:
+        return check_threads(_positive_int(text))
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--threads ").rstrip(".")) from None
+
+
 def _input_size(text: str) -> int:
     value = _positive_int(text)
     if value % 32:
@@ -123,7 +132,7 @@ def cmd_predict(args) -> int:
     import numpy as np
 
     from deploy.inputs import gather_inputs, read_labels
-    from deploy.predict import format_topk, run_batched, topk
+    from deploy.predict import format_topk, require_finite_logits, run_batched, topk
 
     target = Path(args.variant)
     if target.is_dir():
@@ -148,6 +157,7 @@ def cmd_predict(args) -> int:
         logits = run_batched(runner, x, args.batch_size)
     finally:
         runner.close()
+    require_finite_logits(logits, names, runner.name)
     if args.save_logits:
         from partialnet.files import atomic_save_npy
 
@@ -171,11 +181,14 @@ def _artifact_runner(args, folder):
         export = open_export(folder, allow_pickle=args.allow_pickle, console=_console(args))
         return export.eager_runner(RunnerOptions(threads=args.threads)).runner, pp, manifest.input_size
     runner, _ = open_artifact(folder, manifest, args.backend, args.precision, args.threads)
+    if getattr(runner, "options", {}).get("cache_note"):
+        _console(args).note(f"note: {runner.options['cache_note']}")
     return runner, pp, manifest.input_size
 
 
 def cmd_export(args) -> int:
     from deploy.pipeline import ExportRequest, run_export
+    from deploy.precisions import parse_precisions
 
     req = ExportRequest(
         variant=args.variant,
@@ -193,7 +206,7 @@ def cmd_export(args) -> int:
         check=not args.no_check,
         threads=args.threads,
         backends=args.backends,
-        precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip() and p.strip() != "fp32"),
+        precisions=parse_precisions(args.precisions),
         int8=args.int8,
         calib_data=args.calib_data,
         calib_size=args.calib_size,
@@ -216,6 +229,7 @@ def cmd_export(args) -> int:
 
 def cmd_validate(args) -> int:
     from deploy.validate import ValidateRequest, format_validation, run_validation
+    from partialnet.files import json_text
 
     req = ValidateRequest(
         folder=args.folder,
@@ -230,12 +244,13 @@ def cmd_validate(args) -> int:
         allow_pickle=args.allow_pickle,
     )
     result = run_validation(req, _console(args))
-    print(json.dumps(result.document, indent=2) if args.json else format_validation(result.document))
+    print(json_text(result.document) if args.json else format_validation(result.document))
     return ExitStatus.OK if result.passed else ExitStatus.GATE_FAILED
 
 
 def cmd_bench(args) -> int:
     from deploy.bench import BenchRequest, BenchSettings, format_bench, parse_batch_sizes, run_bench
+    from partialnet.files import json_text
 
     if args.streams is not None and args.mode != "throughput":
         raise UsageError("--streams applies to --mode throughput.")
@@ -243,7 +258,7 @@ def cmd_bench(args) -> int:
                              warmup_s=args.warmup_s, duration_s=args.duration_s, mode=args.mode, streams=args.streams)
     req = BenchRequest(folder=args.folder, backends=args.backends, settings=settings, allow_pickle=args.allow_pickle)
     result = run_bench(req, _console(args))
-    print(json.dumps(result.document, indent=2) if args.json else format_bench(result.document))
+    print(json_text(result.document) if args.json else format_bench(result.document))
     return ExitStatus.OK
 
 
@@ -289,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=_positive_int, default=5, help="classes to show per image (default 5)")
     p.add_argument("--labels", help="text file with one class name per line")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads")
+    p.add_argument("--threads", type=_threads, default=None, help="CPU threads")
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("export", parents=[common], help="reparameterize, export ONNX, check against eager")
@@ -303,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     p.add_argument("--no-check", action="store_true", help="skip the post-export check against eager")
     p.add_argument("--val-data", help="images for the checks: folder (class subfolders = labels), .txt list, or .npy")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for runtimes")
+    p.add_argument("--threads", type=_threads, default=None, help="CPU threads for runtimes")
     p.add_argument("--backends", help=f"comma-separated: {','.join(names)} (default: every backend usable "
                    "here; a requested one that cannot run here is reported as skipped, with the reason)")
     p.add_argument("--int8", action="store_true", help="also build INT8 artifacts for every backend, calibrated")
@@ -340,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail if an artifact's top-1 is more than P percentage points below eager's (needs labels)")
     p.add_argument("--min-agreement", type=_non_negative_float, default=None, metavar="A",
                    help="fail if an artifact's top-1 agrees with eager's on less than fraction A of the images")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for eager and the runtimes")
+    p.add_argument("--threads", type=_threads, default=None, help="CPU threads for eager and the runtimes")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling images and the bootstrap (default 0)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -362,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "concurrent runs, eager batched calls)")
     p.add_argument("--streams", type=_positive_int, default=None,
                    help="throughput mode: parallel streams (default: each runtime's choice; ONNX Runtime: one per core)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=_threads, default=None,
                    help="CPU threads for eager and the runtimes (default: each library's own default)")
     p.add_argument("--warmup-s", type=_non_negative_float, default=1.0,
                    help="untimed seconds per runner and batch size before timing (default 1; at least one call)")
@@ -378,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     show_tb = "--traceback" in argv
+    from runtimes.telemetry import disable_telemetry
+
+    disable_telemetry()
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -397,12 +415,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return int(ExitStatus.INTERRUPTED)
+    except OSError as e:  # a write some library made itself: full disk, read-only folder
+        from partialnet.files import os_error
+
+        if show_tb:
+            raise
+        known = os_error(e)
+        if known is None:
+            return _internal(e)
+        print(f"{PROG}: error: {_one_line(str(known))}", file=sys.stderr)
+        return int(known.exit_code)
     except Exception as e:  # anything unforeseen still ends as one line, not a traceback
         if show_tb:
             raise
-        print(f"{PROG}: error: internal error: {type(e).__name__}: {_one_line(str(e))} (rerun with --traceback)",
-              file=sys.stderr)
-        return int(ExitStatus.FAILURE)
+        return _internal(e)
+
+
+def _internal(e: BaseException) -> int:
+    text = _one_line(str(e))
+    text = text if len(text) <= 300 else text[:297] + "..."
+    print(f"{PROG}: error: internal error: {type(e).__name__}: {text} (rerun with --traceback)", file=sys.stderr)
+    return int(ExitStatus.FAILURE)
 
 
 def _one_line(text: str) -> str:

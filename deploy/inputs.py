@@ -12,15 +12,11 @@ from partialnet.variants import Preprocess
 
 
 def load_npy(path: str | Path) -> np.ndarray:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--inputs {path} does not exist.")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise UsageError(f"--inputs {path} is not a readable .npy array ({e}).") from e
-    if not isinstance(arr, np.ndarray):
-        raise UsageError(f"--inputs {path} holds several arrays (.npz); save one float32 NCHW array with np.save.")
+    """The --inputs array, refused with one line when it is not a finite array with at least one row."""
+    from partialnet.arrays import read_npy, require_finite
+
+    arr = read_npy(path, f"--inputs {path}")
+    require_finite(arr, f"--inputs {path}", "Preprocess the images again, or drop those rows.")
     return arr
 
 

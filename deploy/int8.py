@@ -22,7 +22,7 @@ from calibration.policy import DEFAULT_POLICY, FloatPolicy
 from calibration.sensitivity import Target, sensitivity_pass
 from calibration.sources import ImageSet
 from export.manifest import Artifact, metadata_props
-from partialnet.errors import DeployError, UsageError
+from partialnet.errors import DeployError, UsageError, WriteError
 from runtimes.compare import TOLERANCES, judge, run_all
 
 from . import backends
@@ -137,6 +137,8 @@ def _build_one(ctx: BuildContext, backend: Backend, q: Int8Inputs, sets, report:
             info = _slim(info)
             info["check"] = check_int8(ctx, art, sets)
             report["artifacts"][art.key] = info
+    except WriteError:  # a full disk is not a reason to skip a backend: the export stops
+        raise
     except DeployError as e:
         for art in ctx.manifest.artifacts[rows_before:]:
             for rel, _ in art.files:

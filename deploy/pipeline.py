@@ -7,8 +7,6 @@ validation and the benchmark run on them too, and the manifest is written once, 
 """
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -24,12 +22,13 @@ from calibration.sources import ImageSet, default_images, load_images
 from export.layout import REFERENCE_ONNX, REPORT
 from export.manifest import Artifact, Manifest, metadata_props
 from export.reparam import reparameterize_model_with_summary
-from export.to_onnx import DEFAULT_OPSET, GraphStats, export_onnx, save_onnx, set_metadata
+from export.to_onnx import DEFAULT_OPSET, GraphStats, check_opset, export_onnx, save_onnx, set_metadata
 from partialnet import LoadedModel, build_model
 from partialnet.console import SILENT, Console
-from partialnet.errors import DeployError, ExitStatus, UsageError
-from partialnet.files import DIR_MODE, atomic_write_json, atomic_write_text
+from partialnet.errors import DeployError, ExitStatus, WriteError
+from partialnet.files import atomic_write_json, atomic_write_text
 from partialnet.profile import count_macs, count_params
+from partialnet.resources import require_memory
 from partialnet.variants import Preprocess
 from runtimes.compare import TOLERANCES, Drift, judge, run_all
 from runtimes.eager import fp32_noise_floor
@@ -37,12 +36,15 @@ from runtimes.eager import fp32_noise_floor
 from . import backends
 from .backends import EAGER, Backend, BuildContext, RunnerOptions
 from .opening import ExportHandle
+from .precisions import parse_precisions
 from .report import Report
+from .staging import ExportStaging as _Staging
 
 CHECK_SAMPLES = 8
 CALIB_SIZE = 512
 DEFAULT_CALIB_IMAGES = 128  # the embedded default set: all of it is used when --calib-size asks for more
 VALIDATE_SAMPLES = 64
+VALIDATE_BATCH = 16  # validate_export's default batch
 BENCH_WARMUP_S, BENCH_DURATION_S = 0.5, 2.0
 SIMPLIFY_RTOL = 1e-5
 
@@ -64,7 +66,7 @@ class ExportRequest:
     check: bool = True
     threads: int | None = None
     backends: str | None = None  # comma-separated; None = every backend usable here
-    precisions: tuple[str, ...] = ()  # float precisions besides fp32
+    precisions: tuple[str, ...] = ("fp32",)  # float precisions; fp32 is always built
     int8: bool = False
     calib_data: str | None = None
     calib_size: int = CALIB_SIZE
@@ -74,6 +76,9 @@ class ExportRequest:
     max_accuracy_drop: float | None = None  # fraction of top-1
     validate: bool = True
     bench: bool = True
+
+    def __post_init__(self) -> None:
+        self.precisions = parse_precisions(self.precisions)  # fp32 always, whatever a caller passes
 
 
 @dataclass
@@ -87,42 +92,6 @@ def default_output(variant: str, input_size: int, default_size: int) -> Path:
     return Path("exports") / (variant if input_size == default_size else f"{variant}_{input_size}")
 
 
-def float_precisions(extra: tuple[str, ...]) -> list[str]:
-    """fp32, then each requested one that some backend builds from FP32 ONNX; anything else is a usage error."""
-    known = sorted({p for b in backends.artifact_backends() for p in b.float_precisions})
-    unknown = [p for p in extra if p not in known]
-    if unknown:
-        raise UsageError(f"--precisions {','.join(unknown)}: not a float precision any backend builds; choose from "
-                         f"{', '.join(known)} (INT8 is --int8).")
-    return list(dict.fromkeys(["fp32", *extra]))
-
-
-class _Staging:
-    """A hidden folder beside `dest` that becomes `dest` on commit and disappears on failure."""
-
-    def __init__(self, dest: Path, force: bool):
-        if dest.exists() and not force:
-            raise UsageError(f"{dest} exists; pass --force to overwrite it, or choose another --output.")
-        if dest.exists() and not dest.is_dir():
-            raise UsageError(f"{dest} exists and is not a folder; choose another --output.")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        self.dest = dest
-        self.path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-        os.chmod(self.path, DIR_MODE)
-
-    def commit(self) -> None:
-        old = None
-        if self.dest.exists():
-            old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
-            os.replace(self.dest, old)
-        os.replace(self.path, self.dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
 class _Timings(dict):
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -132,13 +101,15 @@ class _Timings(dict):
 
 
 def run_export(req: ExportRequest, console: Console = SILENT) -> ExportResult:
-    selected = backends.parse_backends(req.backends)  # a bad --backends or --precisions fails before any work
-    precisions = float_precisions(req.precisions)
+    selected = backends.parse_backends(req.backends)  # a bad --backends or --opset fails before any work
+    check_opset(req.opset, req.exporter)
+    precisions = list(req.precisions)
     lm = build_model(req.variant, req.checkpoint, spatial_attn=req.spatial_attn, allow_pickle=req.allow_pickle,
                      log=console)
     size = req.input_size or lm.variant.preprocess.input_size
+    require_memory(lm.config, size, max(CHECK_SAMPLES, VALIDATE_BATCH), f"deploy export --input-size {size}")
     dest = Path(req.output) if req.output else default_output(lm.variant.name, size, lm.variant.preprocess.input_size)
-    staging = _Staging(dest, req.force)
+    staging = _Staging(dest, req.force, inputs=(req.checkpoint, req.val_data, req.calib_data))
     try:
         result = _export_into(req, lm, size, staging.path, dest, selected, precisions, console)
         staging.commit()
@@ -371,6 +342,8 @@ def build_float(ctx: BuildContext, usable: list[Backend], unavailable: dict[str,
                 continue
             try:
                 art = backend.build(ctx, precision)
+            except WriteError:  # a full disk is not a reason to skip a backend: the export stops
+                raise
             except DeployError as e:
                 ctx.manifest.skip(backend.name, precision, str(e))
                 ctx.console(f"skipped {backend.name} {precision}: {e}")

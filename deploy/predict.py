@@ -14,6 +14,20 @@ def run_batched(runner: Runner, x: np.ndarray, batch_size: int = 32) -> np.ndarr
     return run_all({"runner": runner}, x, batch_size)["runner"]
 
 
+def require_finite_logits(logits: np.ndarray, names: Sequence[str], runner_name: str) -> None:
+    """Refuse to print or save logits holding NaN or Inf (the inputs were checked finite when read)."""
+    from partialnet.arrays import nonfinite_rows
+    from partialnet.errors import DeployError
+
+    rows = nonfinite_rows(logits)
+    if len(rows):
+        shown = ", ".join(names[i] for i in rows[:3]) + (", ..." if len(rows) > 3 else "")
+        raise DeployError(
+            f"{runner_name} produced NaN or Inf logits for {shown} ({len(rows)} of {len(logits)} inputs) from finite "
+            f"inputs; nothing was printed or saved. Check the artifact against eager with 'deploy validate'."
+        )
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     e = np.exp(z)

@@ -19,6 +19,7 @@ from export.manifest import Artifact, Manifest
 from partialnet.console import SILENT, Console
 from partialnet.errors import UsageError
 from partialnet.files import atomic_write_json, atomic_write_text
+from partialnet.resources import config_from_dict, require_memory
 from partialnet.variants import Preprocess
 from runtimes.compare import TOLERANCES, Drift, disagreement_notes, run_all
 from runtimes.eager import fp32_noise_floor
@@ -245,6 +246,8 @@ def run_validation(req: ValidateRequest, console: Console = SILENT) -> Validatio
     gates = Gates(req.max_top1_drop, req.min_agreement)
     images = read_images(req.data, Preprocess.from_dict(manifest.preprocess), req.samples, req.seed, console)
     _require_labels(images, gates)  # before the model is rebuilt
+    require_memory(config_from_dict(manifest.architecture), manifest.input_size, min(req.batch_size, len(images)),
+                   f"deploy validate --batch-size {req.batch_size}")
     export = open_export(req.folder, allow_pickle=req.allow_pickle, console=console)
     return validate_export(export, rows, images, gates, console, threads=req.threads, batch_size=req.batch_size,
                            seed=req.seed)

@@ -192,10 +192,14 @@ class Manifest:
         if not path.is_file():
             raise DeployError(f"{folder} has no {MANIFEST}; it is not an export folder made by 'deploy export'.")
         try:
-            d = upgrade(json.loads(path.read_text(encoding="utf-8")))
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(d, dict):
+                kind = {type(None): "null", list: "an array", str: "a string", bool: "a boolean"}.get(type(d), "a number")
+                raise TypeError(f"it holds {kind}, not a JSON object")
+            d = upgrade(d)
             arts = [Artifact.from_dict(a) for a in d.pop("artifacts")]
             return cls(artifacts=arts, **d)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise DeployError(f"{path} is not a valid manifest ({type(e).__name__}: {e}); re-run 'deploy export --force'.") from e
 
 

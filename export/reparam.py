@@ -553,7 +553,22 @@ def reparameterize_model_with_summary(model: PartialNet, input_size: int) -> tup
     """A folded, eval-mode deep copy of `model` for `input_size` px, and what was folded; `model` is untouched."""
     deployed = copy.deepcopy(model)
     summary = reparameterize_in_place(deployed, input_size)
+    _require_finite_after_folding(deployed)
     return deployed, summary
+
+
+def _require_finite_after_folding(model: nn.Module) -> None:
+    """Folding divides by sqrt(running_var + eps): finite weights can still fold into Inf or NaN."""
+    from partialnet.arrays import describe_tensors, nonfinite_tensors
+    from partialnet.errors import CheckpointError
+
+    bad = nonfinite_tensors({**dict(model.named_parameters()), **dict(model.named_buffers())})
+    if bad:
+        raise CheckpointError(
+            f"folding the normalizations into the convolutions gave NaN or Inf in {len(bad)} tensor(s): "
+            f"{describe_tensors(bad)}; the checkpoint's BatchNorm statistics are out of range (a running_var at or "
+            f"below -eps?). Export with --no-reparam to keep the training-form graph, or fix the checkpoint."
+        )
 
 
 def reparameterize_model(model: PartialNet, input_size: int) -> PartialNet:

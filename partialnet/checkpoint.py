@@ -72,13 +72,53 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
     except pickle.UnpicklingError as e:
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # the listing is a courtesy; the error below stands without it
+        except Exception:  # a file the listing cannot read is damaged, not a pickle of code
             unsafe = []
-        listed = f" ({', '.join(unsafe[:6])}{', ...' if len(unsafe) > 6 else ''})" if unsafe else ""
+        if not unsafe:
+            # weights_only refuses a damaged pickle too; only a pickle that names code is a question of trust
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({_first_line(e)}). Is the file complete? Expected a "
+                f"Lightning .ckpt, a .pth state dict or a .safetensors file."
+            ) from e
+        listed = f" ({', '.join(unsafe[:6])}{', ...' if len(unsafe) > 6 else ''})"
         raise CheckpointError(
             f"{path}: reading it would run pickled code{listed}; checkpoints are loaded without running code "
             f"by default. If you trust the file, pass --allow-pickle (Python: allow_pickle=True)."
         ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _sniff_torch(path: Path, head: bytes) -> None:
+    """Refuse, before torch.load, a file that is neither a torch zip archive nor a legacy pickle."""
+    from .files import sniff_format
+
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint: a zip archive whose end is missing. Is the file complete "
+                f"(truncated, or still being copied)? Copy it again."
+            )
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if not any(n.endswith("data.pkl") for n in names):
+            raise CheckpointError(
+                f"{path}: a zip archive but not a PyTorch checkpoint (no data.pkl among {len(names)} entries, e.g. "
+                f"{', '.join(names[:3]) or 'none'}). Expected a Lightning .ckpt, a .pth state dict or a .safetensors file."
+            )
+        return
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return  # a pickle stream: torch's legacy format
+    kind = sniff_format(head)
+    seen = f"it looks like {kind}" if kind else (f"it starts with {head[:8]!r}" if head else "it is empty")
+    raise CheckpointError(
+        f"{path}: not a readable PyTorch checkpoint ({seen}). Expected a Lightning .ckpt, a .pth state dict or a "
+        f".safetensors file."
+    )
 
 
 def _read_raw(path: Path, allow_pickle: bool) -> tuple[str, Any, dict[str, Any]]:
@@ -101,6 +141,7 @@ def _read_raw(path: Path, allow_pickle: bool) -> tuple[str, Any, dict[str, Any]]
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e}).") from e
         return "safetensors", tensors, meta
+    _sniff_torch(path, head)
     try:
         obj = _torch_load(path, allow_pickle)
     except CheckpointError:
@@ -180,12 +221,25 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
             f"or a dict with 'model' or 'state_dict'."
         )
     sd = _strip(sd, notes)
+    require_finite_weights(sd, f"checkpoint {path}")
     if ignored:
         teacher = sum("teacher" in k for k in ignored)
         notes.append(
             f"ignored {len(ignored)} non-model keys" + (f" ({teacher} from a distillation teacher)" if teacher else "")
         )
     return Checkpoint(path, fmt, sd, hparams, file_sha256(path), ignored, notes)
+
+
+def require_finite_weights(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise a CheckpointError naming the tensors of `what` that hold NaN or Inf: every logit would be NaN."""
+    from .arrays import describe_tensors, nonfinite_tensors
+
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise CheckpointError(
+            f"{what}: {len(bad)} tensor(s) hold NaN or Inf values: {describe_tensors(bad)}; every output would be "
+            f"NaN. The training run probably diverged: use an earlier checkpoint."
+        )
 
 
 # --------------------------------------------------------------------------- architecture from the weights

@@ -32,3 +32,7 @@ class CheckpointError(DeployError):
 
 class ImageError(DeployError):
     """An input image could not be read or decoded."""
+
+
+class WriteError(DeployError):
+    """A file could not be written (full disk, no permission): the run stops; no backend is skipped over it."""

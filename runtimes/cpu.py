@@ -63,3 +63,28 @@ def int8_dot_saturates(flags: frozenset[str] | None = None) -> bool:
         if flags is None:
             return True
     return not any(f in flags for f in EXACT_INT8_FLAGS)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which a container or taskset narrows), at least 1."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads: int | None) -> int | None:
+    """Refuse a thread count above the usable CPUs: runtimes cap it silently (OpenVINO) or oversubscribe the cores
+    (ONNX Runtime, torch), and either way a latency figure measured with it is not what was asked for."""
+    from partialnet.errors import UsageError
+
+    if threads is None:
+        return None
+    if threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}.")
+    usable = usable_cpus()
+    if threads > usable:
+        raise UsageError(f"--threads {threads} is more than the {usable} CPU(s) this process can use here; pass at "
+                         f"most --threads {usable}, or leave it out for each runtime's default.")
+    return threads

@@ -18,7 +18,9 @@ class EagerRunner:
         self.model = model.eval().to(device)
         self.device = device
         if threads:
-            torch.set_num_threads(threads)
+            from .cpu import check_threads
+
+            torch.set_num_threads(check_threads(threads))
         self.input_size = input_size
         n_cls = num_classes if num_classes is not None else getattr(getattr(model, "cfg", None), "num_classes", None)
         self.name = f"eager:{device}:fp32"
@@ -28,6 +30,12 @@ class EagerRunner:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.inputs, feeds, multiple_of=32)
+        cfg = getattr(self.model, "cfg", None)
+        if cfg is not None:
+            from partialnet.resources import require_memory
+
+            x = feeds[INPUT_NAME]
+            require_memory(cfg, max(x.shape[2:]), x.shape[0], f"{self.name} on {x.shape[0]} image(s)")
         with torch.inference_mode():
             out = self.model(torch.from_numpy(feeds[INPUT_NAME]).to(self.device))
         return {OUTPUT_NAME: out.float().cpu().numpy()}

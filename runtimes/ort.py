@@ -10,7 +10,10 @@ from partialnet.errors import UsageError
 
 from .artifacts import load_failure, require_file
 from .base import BackendUnavailable, TensorSpec, check_feeds
-from .cpu import int8_dot_saturates
+from .cpu import check_threads, int8_dot_saturates
+from .telemetry import disable_onnxruntime_telemetry
+
+disable_onnxruntime_telemetry()  # before anything here imports onnxruntime
 
 GraphOptimization = Literal["all", "extended", "basic", "disabled"]
 Device = Literal["cpu", "cuda"]
@@ -68,8 +71,7 @@ class OrtRunner:
             raise UsageError(
                 f"onnxruntime graph optimization {graph_optimization!r} is not one of {', '.join(levels)}."
             )
-        if threads is not None and threads < 1:
-            raise UsageError(f"threads must be at least 1, got {threads}.")
+        check_threads(threads)
 
         provider = PROVIDERS[device]
         available = ort.get_available_providers()

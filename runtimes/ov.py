@@ -14,11 +14,15 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 
-from partialnet.errors import DeployError, UsageError
+from partialnet.errors import DeployError, UsageError, WriteError
+from partialnet.files import free_space, write_error
 
 from .artifacts import load_failure, one_line, require_file
 from .base import BackendUnavailable, TensorSpec, check_feeds
-from .cpu import int8_dot_saturates
+from .cpu import check_threads, int8_dot_saturates
+from .telemetry import disable_openvino_telemetry
+
+disable_openvino_telemetry()  # before anything here imports openvino
 
 InferencePrecision = Literal["f32", "bf16", "f16"]
 
@@ -91,10 +95,20 @@ def save_ir(model: Any, xml_dest: str | Path, *, force: bool = False) -> Path:
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{xml_dest.stem}.", suffix=".tmp", dir=xml_dest.parent))
     try:
         tmp_xml = tmp_dir / xml_dest.name
-        ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+        try:
+            ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+        except Exception as e:  # a failed write surfaces as a C++ iostream error that names no cause
+            raise WriteError(
+                f"OpenVINO could not write the IR {xml_dest.name} into {xml_dest.parent} ({one_line(e)}); "
+                f"{free_space(xml_dest.parent)} is free on that disk, and a full disk is the usual cause: free some "
+                f"space (or choose another --output) and run again."
+            ) from e
         # The .bin goes first: a reader opens the .xml, so the .xml appearing last marks the pair complete.
-        os.replace(tmp_xml.with_suffix(".bin"), xml_dest.with_suffix(".bin"))
-        os.replace(tmp_xml, xml_dest)
+        try:
+            os.replace(tmp_xml.with_suffix(".bin"), xml_dest.with_suffix(".bin"))
+            os.replace(tmp_xml, xml_dest)
+        except OSError as e:
+            raise write_error(xml_dest, e) from e
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return xml_dest
@@ -122,8 +136,7 @@ def compile_for(path: str | Path, *, precision: str = "fp32", device: str = "CPU
     wanted = inference_precision or DEFAULT_INFERENCE_PRECISION[precision]
     if wanted not in ("f32", "bf16", "f16"):
         raise UsageError(f"openvino inference precision {wanted!r} is not one of f32, bf16, f16.")
-    if threads is not None and threads < 1:
-        raise UsageError(f"threads must be at least 1, got {threads}.")
+    check_threads(threads)
 
     core = ov.Core()
     available = list(core.available_devices)
@@ -156,12 +169,11 @@ def compile_for(path: str | Path, *, precision: str = "fp32", device: str = "CPU
         config[ov.properties.inference_num_threads] = threads
     if streams is not None:
         config[ov.properties.num_streams] = streams
+    cache_note = None
+    if cache_dir is not None:  # a read-only export still runs: the cache goes elsewhere, or is not used
+        cache_dir, cache_note = usable_cache_dir(Path(cache_dir))
     if cache_dir is not None:
-        try:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            core.set_property({ov.properties.cache_dir: str(cache_dir)})
-        except OSError:
-            cache_dir = None  # a read-only export still runs, only without the compile cache
+        core.set_property({ov.properties.cache_dir: str(cache_dir)})
     try:
         compiled = core.compile_model(model, device, config)
     except Exception as e:
@@ -186,6 +198,7 @@ def compile_for(path: str | Path, *, precision: str = "fp32", device: str = "CPU
         "performance_hint": hint,
         "inference_precision": in_effect,
         "cache_dir": str(cache_dir) if cache_dir is not None else None,
+        "cache_note": cache_note,
         "int8_cpu": int8_cpu,
     }
     return core, compiled, options
@@ -256,6 +269,33 @@ class OpenVINOStreams:
     def close(self) -> None:
         self._queue = None
         self._compiled = None
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)  # os.access is not enough (root, ACLs, ro mounts)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def usable_cache_dir(preferred: Path) -> tuple[Path | None, str | None]:
+    """`preferred` if this process can write there; else a per-user cache folder for it; else None (no cache).
+
+    The second value is the note to show once when the preferred folder could not be used (a read-only export).
+    """
+    if _writable_dir(preferred):
+        return preferred, None
+    import hashlib
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "partialnet-deploy" / "openvino"
+    fallback = base / hashlib.sha256(str(preferred.resolve()).encode()).hexdigest()[:16]
+    if _writable_dir(fallback):
+        return fallback, f"{preferred} is not writable; OpenVINO caches compiled models in {fallback} instead"
+    return None, f"{preferred} is not writable (nor {base}); OpenVINO compiles without a cache (a slower start)"
 
 
 def _make_batch_dynamic(model: Any, ov: Any) -> None:

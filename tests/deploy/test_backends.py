@@ -47,6 +47,12 @@ class ToyRuntime:
     def prepare_offline(self, ctx: BuildContext, precisions: list[str]) -> None:
         return None
 
+    def open_streams(self, path: Path, precision: str, options: RunnerOptions, streams: int | None):
+        from runtimes.throughput import ThreadedStreams
+
+        runner = self.open(path, precision, options)
+        return ThreadedStreams([runner.run], {"threads": options.threads}, runner.close)
+
     def open(self, path: Path, precision: str, options: RunnerOptions):
         runner, offset = OrtRunner(path, precision=precision, threads=options.threads), self.offset
         real = runner.run

@@ -53,7 +53,8 @@ def test_drift_says_how_decided_the_changed_predictions_were():
     assert d.ref_margin_median == pytest.approx((0.5 + 2.0) / 2)
     note = disagreement_note("x int8", d.to_dict())
     assert note == ("x int8: top-1 changed on 1 of 4 images, whose eager top-1 margin is at most 0.1 logits "
-                    "(median margin on this set 1.25, mean |logit error| 0.0167)")
+                    "(median margin on this set 1.25, mean |logit error| 0.0167); 0 of the changes on the 3 images "
+                    "decided beyond its logit noise (margin > 0.235)")
     wrong = ref.copy()
     wrong[0] = [0.0, 1.0, 3.0]  # a decided image (margin 2) predicted otherwise: a real error
     d = Drift.between(ref, wrong)
