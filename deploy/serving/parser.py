@@ -73,7 +73,7 @@ def cmd_loadtest(args) -> int:
     req = LoadTestRequest(
         url=args.url, data=args.data, concurrency=args.concurrency, requests=args.requests, batch=args.batch,
         model_name=args.model_name, verify=Path(args.verify) if args.verify else None, backend=args.backend,
-        precision=args.precision, tolerance=args.tolerance, timeout_s=args.timeout_s, images=args.images,
+        precision=args.precision, tolerance=args.tolerance, timeout_s=args.timeout_s, images=args.send_images,
     )
     result = run_loadtest(req, log=_log(args))
     print(json.dumps(result.document, indent=2) if args.json else format_loadtest(result.document))
@@ -139,7 +139,7 @@ def add_parsers(subparsers, common_parent: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_positive_int, default=1, help="images per request (default 1)")
     p.add_argument("--model-name", default=None, help="served tensor model (default: the only non-image model the "
                    "server has, or the --verify manifest's variant)")
-    p.add_argument("--no-images", dest="images", action="store_false",
+    p.add_argument("--no-images", dest="send_images", action="store_false",
                    help="preprocess image files here and send tensors to NAME instead of bytes to NAME_image")
     p.add_argument("--verify", metavar="DIR", default=None,
                    help="export folder served: compare every answer with its local runner")
