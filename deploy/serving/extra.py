@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sysconfig
+from importlib import metadata
 
 from partialnet.errors import DeployError
 
@@ -29,6 +30,14 @@ def require(*modules: str, command: str) -> None:
             f"deploy {command} needs the serve extra ({', '.join(missing)} not installed); install it with "
             f"`{INSTALL_HINT}`."
         )
+    if "pytriton" in modules:
+        numpy = metadata.version("numpy")
+        if int(numpy.split(".")[0]) >= 2:
+            # The wheel's Python-backend stub is built for the NumPy 1 ABI: with NumPy 2 every answer would be a 500.
+            raise ServeExtraMissing(
+                f"nvidia-pytriton 0.7.0 needs NumPy 1 (its Python-backend stub is built for the NumPy 1 ABI) but "
+                f"NumPy {numpy} is installed; reinstall with `{INSTALL_HINT}` (it pins numpy 1.26.4)."
+            )
 
 
 def prepare_server_environment() -> None:

@@ -194,12 +194,11 @@ def run_loadtest(req: LoadTestRequest, log: Callable[[str], None]) -> LoadTestRe
                 if i is None:
                     return
                 idx, x = payload.batch(i, req.batch)
-                inp = tc.InferInput(payload.input_name, list(x.shape), payload.datatype)
-                inp.set_data_from_numpy(x)
-                outputs = [tc.InferRequestedOutput("logits")]
                 t0 = time.perf_counter()
                 try:
-                    out = client.infer(payload.model, [inp], outputs=outputs)
+                    inp = tc.InferInput(payload.input_name, list(x.shape), payload.datatype)
+                    inp.set_data_from_numpy(x)
+                    out = client.infer(payload.model, [inp], outputs=[tc.InferRequestedOutput("logits")])
                     logits = out.as_numpy("logits")
                     err = None
                 except Exception as e:  # every failure is counted by kind, never fatal to the run
