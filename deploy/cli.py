@@ -387,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a checkpoint that needs arbitrary pickled code (only for files you trust)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_bench)
+    from deploy.serving.parser import add_parsers as add_serving_parsers
+    add_serving_parsers(sub, common)  # serve, triton, loadtest
     return parser
 
 

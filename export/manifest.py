@@ -77,6 +77,11 @@ class Artifact:
         return key
 
     @property
+    def precision_spec(self) -> str:
+        """What `--precision` (and `Manifest.find`) takes to name this row: `int8`, `int8@tensorrt`, `int8+entropy`."""
+        return self.key.split("/", 1)[1]
+
+    @property
     def files(self) -> list[tuple[str, str | None]]:
         """(path, recorded sha256) of every file the artifact needs (an OpenVINO IR has its weights beside it)."""
         out = [(self.path, self.sha256)]

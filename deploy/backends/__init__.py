@@ -14,7 +14,7 @@ from partialnet.errors import UsageError
 from runtimes.artifacts import check_artifact
 from runtimes.base import BackendUnavailable, Runner
 
-from .base import Backend, BuildContext, Int8Inputs, RunnerOptions
+from .base import Backend, BuildContext, Int8Inputs, RunnerOptions, TritonModel
 from .eager import Eager
 from .ort import OnnxRuntime
 from .ov import OpenVINO
@@ -122,4 +122,4 @@ def open_artifact(folder: Path, manifest: Manifest, backend: str, precision: str
 
 __all__ = ["BACKENDS", "EAGER", "Backend", "BuildContext", "Int8Inputs", "RunnerOptions", "artifact_backends",
            "get", "names", "open_artifact", "open_row", "open_row_streams", "parse_backends", "reference_backend", "register",
-           "status", "unregister"]
+           "status", "TritonModel", "unregister"]

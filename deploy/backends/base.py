@@ -67,6 +67,20 @@ class Int8Inputs:
     row: dict[str, Any] = field(default_factory=dict)  # the manifest facts every int8 row carries
 
 
+@dataclass(frozen=True)
+class TritonModel:
+    """How NVIDIA's Triton (the official container) runs an artifact natively: its platform or backend, the files
+    of the version folder ({name in 1/: path in the export}), and the config's extras."""
+
+    files: dict[str, str]
+    platform: str | None = None  # "onnxruntime_onnx", "tensorrt_plan"
+    backend: str | None = None  # "openvino"
+    kind: str = "KIND_CPU"
+    default_model_filename: str | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
+    max_batch: int | None = None  # a cap below the requested one (a TensorRT engine's profile)
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str  # "openvino"
@@ -91,6 +105,9 @@ class Backend(Protocol):
     def open(self, path: Path, precision: str, options: RunnerOptions) -> Runner:
         """A runner for the file at `path`, which holds an artifact of `precision` (one request at a time, as a
         latency-bound deployment runs it)."""
+
+    def triton_model(self, art: Artifact) -> TritonModel | None:
+        """The Triton-native model for one of its artifacts, or None when Triton has no backend for it."""
 
     def open_streams(self, path: Path, precision: str, options: RunnerOptions, streams: int | None) -> "Streams":
         """Many requests in flight, the way this runtime serves a throughput-bound deployment; `streams` None

@@ -33,6 +33,9 @@ class Eager:
     def prepare_offline(self, ctx: BuildContext, precisions: list[str]) -> None:
         return None
 
+    def triton_model(self, art: Artifact) -> None:
+        return None
+
     def open(self, path: Path, precision: str, options: RunnerOptions) -> Runner:
         raise DeployError("eager runs a model, not a file: use open_model.")
 

@@ -11,7 +11,7 @@ from runtimes.artifacts import one_line
 from runtimes.base import Runner
 from runtimes.cpu import usable_cores
 
-from .base import BuildContext, Int8Inputs, RunnerOptions
+from .base import BuildContext, Int8Inputs, RunnerOptions, TritonModel
 
 
 class OnnxRuntime:
@@ -44,6 +44,9 @@ class OnnxRuntime:
 
     def prepare_offline(self, ctx: BuildContext, precisions: list[str]) -> None:
         return None
+
+    def triton_model(self, art: Artifact) -> TritonModel | None:
+        return TritonModel({"model.onnx": art.path}, platform="onnxruntime_onnx")
 
     def open(self, path: Path, precision: str, options: RunnerOptions) -> Runner:
         from runtimes.ort import OrtRunner

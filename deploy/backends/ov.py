@@ -10,7 +10,7 @@ from partialnet.files import file_sha256
 from runtimes.artifacts import one_line
 from runtimes.base import Runner
 
-from .base import BuildContext, Int8Inputs, RunnerOptions
+from .base import BuildContext, Int8Inputs, RunnerOptions, TritonModel
 
 
 class OpenVINO:
@@ -65,6 +65,17 @@ class OpenVINO:
 
     def prepare_offline(self, ctx: BuildContext, precisions: list[str]) -> None:
         return None
+
+    def triton_model(self, art: Artifact) -> TritonModel | None:
+        # Triton's OpenVINO backend takes HINT_BF16 (YES) and no f32 hint: fp32 and int8 rows run with the CPU
+        # plugin's default precision, which is f32 except on CPUs with AMX, where OpenVINO defaults to bf16.
+        params = {"PERFORMANCE_HINT": "LATENCY"}
+        if art.precision == "bf16":
+            params["HINT_BF16"] = "YES"
+        files = {"model.xml": art.path}
+        if "weights" in art.extra:
+            files["model.bin"] = art.extra["weights"]
+        return TritonModel(files, backend="openvino", default_model_filename="model.xml", parameters=params)
 
     def open(self, path: Path, precision: str, options: RunnerOptions) -> Runner:
         from runtimes.ov import OpenVINORunner

@@ -10,7 +10,7 @@ from export.manifest import Artifact
 from partialnet.errors import DeployError
 from runtimes.base import Runner
 
-from .base import BuildContext, Int8Inputs, RunnerOptions
+from .base import BuildContext, Int8Inputs, RunnerOptions, TritonModel
 
 BATCH = (1, 1, 32)  # min, opt, max of the optimization profile
 
@@ -101,6 +101,11 @@ class TensorRT:
             art = ctx.artifact(rel, self.name, "int8", scheme=scheme or "qdq-symmetric", **extra, **info)
             out.append((art, info))
         return out
+
+    def triton_model(self, art: Artifact) -> TritonModel | None:
+        if not art.path.endswith(".plan"):
+            return None
+        return TritonModel({"model.plan": art.path}, platform="tensorrt_plan", kind="KIND_GPU", max_batch=BATCH[2])
 
     def open(self, path: Path, precision: str, options: RunnerOptions) -> Runner:
         from runtimes.trt import TensorRTRunner

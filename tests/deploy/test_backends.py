@@ -47,6 +47,9 @@ class ToyRuntime:
     def prepare_offline(self, ctx: BuildContext, precisions: list[str]) -> None:
         return None
 
+    def triton_model(self, art: Artifact):
+        return None  # no Triton backend runs it: `deploy triton` writes only the Python-backend models
+
     def open_streams(self, path: Path, precision: str, options: RunnerOptions, streams: int | None):
         from runtimes.throughput import ThreadedStreams
 
