@@ -23,7 +23,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -38,34 +37,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from deploy.report import cpu_model  # noqa: E402
 from export.manifest import Manifest  # noqa: E402
 from partialnet.files import atomic_write_text  # noqa: E402
+from runtimes.cpu import x86_flags  # noqa: E402
 
 DEPLOY = [sys.executable, "-m", "deploy"]
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def free_ports(n: int) -> list[int]:
@@ -202,7 +183,7 @@ def render(args, manifest, benches: dict[str, dict[int, dict]], runs, rc: int, e
         except metadata.PackageNotFoundError:
             return "-"
 
-    flags = cpu_flags()
+    flags = x86_flags() or frozenset()
     isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags) or "?"
     # The least disturbed in-process figure at batch 1: the faster of the runs before and after serving.
     b1 = min((b[1] for b in benches.values() if 1 in b), key=lambda r: r["p50_ms"], default=None)
@@ -213,7 +194,7 @@ def render(args, manifest, benches: dict[str, dict[int, dict]], runs, rc: int, e
         f"`python benchmarks/serve.py {args.folder} --backend {args.backend} --precision {args.precision} "
         f"--threads {args.threads} --requests {args.requests}`.",
         "",
-        f"- CPU: {cpu_name()} ({os.cpu_count()} cores visible; {isa}); client, server and runner share them",
+        f"- CPU: {cpu_model()} ({os.cpu_count()} cores visible; {isa}); client, server and runner share them",
         f"- artifact: {manifest.variant} at {manifest.input_size} px, {args.backend} {args.precision}, "
         f"{manifest.num_classes} classes; runner threads {args.threads} in both bench and serve",
         f"- versions: nvidia-pytriton {version('nvidia-pytriton')} (tritonserver 2.51.0), tritonclient "

@@ -20,13 +20,13 @@ from export.manifest import Artifact, Manifest
 from partialnet.console import SILENT, Console
 from partialnet.errors import UsageError
 from partialnet.files import atomic_write_json, atomic_write_text
-from partialnet.resources import config_from_dict, require_memory
 from partialnet.variants import Preprocess
 from runtimes.compare import Drift, disagreement_notes, run_all
 from runtimes.cpu import usable_cores
 
 from .backends import RunnerOptions
-from .opening import ExportHandle, Opened, close_all, nothing_runs_error, open_export, open_rows, select_rows
+from .opening import (ExportHandle, Opened, close_all, nothing_runs_error, open_export, open_rows,
+                      require_export_memory, select_rows)
 from .report import Report, isa_summary
 from .timing import Mode, Timed, WorkerInfo, WorkerSpec, close_workers, open_workers, round_robin, send_inputs
 
@@ -143,9 +143,8 @@ def run_bench(req: BenchRequest, console: Console = SILENT) -> Bench:
     """`deploy bench DIR`: open the export from disk and time eager and every selected row."""
     manifest = Manifest.load(req.folder)
     sizes = req.settings.batch_sizes
-    require_memory(config_from_dict(manifest.architecture), manifest.input_size, max(sizes),
-                   f"deploy bench --batch-sizes {','.join(map(str, sizes))}")
-    export = open_export(req.folder, allow_pickle=req.allow_pickle, console=console)
+    require_export_memory(manifest, max(sizes), f"deploy bench --batch-sizes {','.join(map(str, sizes))}")
+    export = open_export(req.folder, manifest=manifest, allow_pickle=req.allow_pickle, console=console)
     return bench_export(export, select_rows(export.manifest, req.backends), req.settings, console)
 
 

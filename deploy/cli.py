@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Callable, Sequence
 
+from deploy import argtypes
 from partialnet.console import Console
 from partialnet.errors import DeployError, ExitStatus, UsageError
 
@@ -25,61 +26,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def _threads(text: str) -> int:
-    from runtimes.cpu import check_threads
-
-    try:
-        return check_threads(_positive_int(text))
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--threads ").rstrip(".")) from None
-
-
-def _input_size(text: str) -> int:
-    value = _positive_int(text)
-    if value % 32:
-        raise argparse.ArgumentTypeError(
-            f"input size {value} is not a multiple of 32 (the last stage works on N/32 maps); try {max(32, round(value / 32) * 32)}"
-        )
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value}")
-    return value
-
-
 def _add_model_args(p: argparse.ArgumentParser, *, checkpoint_required: bool = False) -> None:
     p.add_argument("variant", help="variant name, e.g. partialnet_t0 (see 'deploy list')")
     p.add_argument("--checkpoint", "-c", required=checkpoint_required,
@@ -91,7 +37,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, checkpoint_required: bool = F
                     help="force PAT_sp off (the published cfgs of T0, T2, S, M, L)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow checkpoints that need arbitrary pickled code (only for files you trust)")
-    p.add_argument("--input-size", type=_input_size, default=None, help="input resolution N (multiple of 32)")
+    p.add_argument("--input-size", type=argtypes.input_size, default=None, help="input resolution N (multiple of 32)")
 
 
 def _load(args) -> "object":
@@ -178,7 +124,7 @@ def _artifact_runner(args, folder):
     manifest = Manifest.load(folder)
     pp = Preprocess.from_dict(manifest.preprocess)
     if args.backend == EAGER.name:
-        export = open_export(folder, allow_pickle=args.allow_pickle, console=_console(args))
+        export = open_export(folder, manifest=manifest, allow_pickle=args.allow_pickle, console=_console(args))
         return export.eager_runner(RunnerOptions(threads=args.threads)).runner, pp, manifest.input_size
     runner, _ = open_artifact(folder, manifest, args.backend, args.precision, args.threads)
     if getattr(runner, "options", {}).get("cache_note"):
@@ -301,39 +247,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", help="preprocessed float32 NCHW array (.npy) instead of images")
     p.add_argument("--save-logits", help="write raw float32 logits [batch, classes] to this .npy")
     p.add_argument("--force", action="store_true", help="overwrite an existing --save-logits file")
-    p.add_argument("--topk", type=_positive_int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--topk", type=argtypes.positive_int, default=5, help="classes to show per image (default 5)")
     p.add_argument("--labels", help="text file with one class name per line")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--threads", type=_threads, default=None, help="CPU threads")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--threads", type=argtypes.threads, default=None, help="CPU threads")
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("export", parents=[common], help="reparameterize, export ONNX, check against eager")
     _add_model_args(p)
     p.add_argument("--output", "-o", help="export folder (default: exports/VARIANT[_SIZE])")
     p.add_argument("--force", action="store_true", help="replace an existing export folder")
-    p.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--opset", type=argtypes.positive_int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx exporter (default torchscript: fast, and the graph is simplified anyway)")
     p.add_argument("--no-reparam", action="store_true", help="export the training-form graph (BNs, PAT_sp unmerged)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     p.add_argument("--no-check", action="store_true", help="skip the post-export check against eager")
     p.add_argument("--val-data", help="images for the checks: folder (class subfolders = labels), .txt list, or .npy")
-    p.add_argument("--threads", type=_threads, default=None, help="CPU threads for runtimes")
+    p.add_argument("--threads", type=argtypes.threads, default=None, help="CPU threads for runtimes")
     p.add_argument("--backends", help=f"comma-separated: {','.join(names)} (default: every backend usable "
                    "here; a requested one that cannot run here is reported as skipped, with the reason)")
     p.add_argument("--int8", action="store_true", help="also build INT8 artifacts for every backend, calibrated")
     p.add_argument("--calib-data", help="calibration images: folder (recursive; class subfolders are sampled "
                    "evenly), .txt list of paths, or preprocessed .npy (default: an embedded set, said plainly)")
-    p.add_argument("--calib-size", type=_positive_int, default=512, help="calibration images (default 512, or all)")
+    p.add_argument("--calib-size", type=argtypes.positive_int, default=512, help="calibration images (default 512, or all)")
     p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                    help="activation range calibration (default minmax)")
     p.add_argument("--int8-cpu", choices=["auto", "any", "vnni"], default="auto",
                    help="CPUs the OpenVINO INT8 weights must be exact on: 'any' (7-bit weights, no int8 overflow on "
                    "any x86 CPU), 'vnni' (8-bit, exact only with VNNI/AMX: Ice Lake, Zen 4 and newer) or 'auto' "
                    "(this machine's kind; default). ONNX Runtime picks exact kernels at load time by itself")
-    p.add_argument("--target-agreement", type=_fraction, default=None,
+    p.add_argument("--target-agreement", type=argtypes.fraction, default=None,
                    help="keep the most sensitive blocks in float until INT8 agrees with eager on this fraction of top-1")
-    p.add_argument("--max-accuracy-drop", type=_non_negative_float, default=None,
+    p.add_argument("--max-accuracy-drop", type=argtypes.non_negative_float, default=None,
                    help="INT8 may lose at most this many points of top-1 on labelled --val-data (sensitivity pass, "
                    "and NNCF's accuracy-controlled quantization for OpenVINO)")
     p.add_argument("--no-validate", action="store_true", help="skip 'deploy validate' at the end of the export")
@@ -348,15 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", metavar="DIR", help="export folder made by 'deploy export'")
     p.add_argument("--data", help="images: folder (class subfolders = labels, in sorted order), .txt list of "
                    "'path [label]' lines, or a preprocessed float32 .npy (default: the embedded set, no labels)")
-    p.add_argument("--samples", type=_positive_int, default=None,
+    p.add_argument("--samples", type=argtypes.positive_int, default=None,
                    help="images to use, sampled with --seed (default: all of --data, or 64 of the embedded set)")
     p.add_argument("--backends", help="comma-separated backends to validate (default: every artifact in the manifest)")
-    p.add_argument("--max-top1-drop", type=_non_negative_float, default=None, metavar="P",
+    p.add_argument("--max-top1-drop", type=argtypes.non_negative_float, default=None, metavar="P",
                    help="fail if an artifact's top-1 is more than P percentage points below eager's (needs labels)")
-    p.add_argument("--min-agreement", type=_non_negative_float, default=None, metavar="A",
+    p.add_argument("--min-agreement", type=argtypes.non_negative_float, default=None, metavar="A",
                    help="fail if an artifact's top-1 agrees with eager's on less than fraction A of the images")
-    p.add_argument("--threads", type=_threads, default=None, help="CPU threads for eager and the runtimes")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--threads", type=argtypes.threads, default=None, help="CPU threads for eager and the runtimes")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling images and the bootstrap (default 0)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow a checkpoint that needs arbitrary pickled code (only for files you trust)")
@@ -375,13 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency: one request at a time (OpenVINO LATENCY hint; default); throughput: as many requests "
                         "in flight as each runtime serves best (OpenVINO THROUGHPUT hint and async queue, ONNX Runtime "
                         "concurrent runs, eager batched calls)")
-    p.add_argument("--streams", type=_positive_int, default=None,
+    p.add_argument("--streams", type=argtypes.positive_int, default=None,
                    help="throughput mode: parallel streams (default: each runtime's choice; ONNX Runtime: one per core)")
-    p.add_argument("--threads", type=_threads, default=None,
+    p.add_argument("--threads", type=argtypes.threads, default=None,
                    help="CPU threads for eager and the runtimes (default: each library's own default)")
-    p.add_argument("--warmup-s", type=_non_negative_float, default=1.0,
+    p.add_argument("--warmup-s", type=argtypes.non_negative_float, default=1.0,
                    help="untimed seconds per runner and batch size before timing (default 1; at least one call)")
-    p.add_argument("--duration-s", type=_positive_float, default=5.0,
+    p.add_argument("--duration-s", type=argtypes.positive_float, default=5.0,
                    help="timed seconds per runner and batch size (default 5; at least 5 calls)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow a checkpoint that needs arbitrary pickled code (only for files you trust)")

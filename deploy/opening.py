@@ -32,12 +32,21 @@ class ExportHandle:
         return Opened(EAGER.name, EAGER.open_model(self.model, self.manifest.input_size, options))
 
 
-def open_export(folder: str | Path, *, allow_pickle: bool = False, console: Console | None = None) -> ExportHandle:
-    """An export folder from disk, with its eager model rebuilt (and its checkpoint hash-checked)."""
+def require_export_memory(manifest: Manifest, batch: int, what: str) -> None:
+    """Refuse, before the model is built, a batch whose forward pass would not fit in memory (partialnet.resources)."""
+    from partialnet.resources import config_from_dict, require_memory
+
+    require_memory(config_from_dict(manifest.architecture), manifest.input_size, batch, what)
+
+
+def open_export(folder: str | Path, *, manifest: Manifest | None = None, allow_pickle: bool = False,
+                console: Console | None = None) -> ExportHandle:
+    """An export folder from disk (its manifest read here unless given), with its eager model rebuilt (and its
+    checkpoint hash-checked)."""
     from .reference import eager_from_manifest
 
     folder = Path(folder)
-    manifest = Manifest.load(folder)
+    manifest = manifest if manifest is not None else Manifest.load(folder)
     model = eager_from_manifest(manifest, allow_pickle=allow_pickle, log=console)
     return ExportHandle(folder, manifest, model, folder)
 

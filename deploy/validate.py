@@ -19,13 +19,13 @@ from export.manifest import Artifact, Manifest
 from partialnet.console import SILENT, Console
 from partialnet.errors import UsageError
 from partialnet.files import atomic_write_json, atomic_write_text
-from partialnet.resources import config_from_dict, require_memory
 from partialnet.variants import Preprocess
 from runtimes.compare import TOLERANCES, Drift, disagreement_notes, run_all
 from runtimes.eager import fp32_noise_floor
 
 from .backends import EAGER, RunnerOptions
-from .opening import ExportHandle, Opened, close_all, nothing_runs_error, open_export, open_rows, select_rows
+from .opening import (ExportHandle, Opened, close_all, nothing_runs_error, open_export, open_rows,
+                      require_export_memory, select_rows)
 from .report import Report, isa_summary
 
 DEFAULT_SAMPLES = 64  # images drawn from the embedded default set when no --data is given
@@ -246,9 +246,8 @@ def run_validation(req: ValidateRequest, console: Console = SILENT) -> Validatio
     gates = Gates(req.max_top1_drop, req.min_agreement)
     images = read_images(req.data, Preprocess.from_dict(manifest.preprocess), req.samples, req.seed, console)
     _require_labels(images, gates)  # before the model is rebuilt
-    require_memory(config_from_dict(manifest.architecture), manifest.input_size, min(req.batch_size, len(images)),
-                   f"deploy validate --batch-size {req.batch_size}")
-    export = open_export(req.folder, allow_pickle=req.allow_pickle, console=console)
+    require_export_memory(manifest, min(req.batch_size, len(images)), f"deploy validate --batch-size {req.batch_size}")
+    export = open_export(req.folder, manifest=manifest, allow_pickle=req.allow_pickle, console=console)
     return validate_export(export, rows, images, gates, console, threads=req.threads, batch_size=req.batch_size,
                            seed=req.seed)
 

@@ -44,8 +44,6 @@ class LoggingRunner:
     does not park would, and logs `spin START END`."""
 
     def __init__(self, log: str, call_s: float = 0.002, spin_after_s: float = 0.0):
-        import threading  # noqa: F401  (used by the spinning thread)
-
         from runtimes.base import INPUT_NAME, OUTPUT_NAME, TensorSpec
 
         self.log, self.call_s, self.spin_after_s = log, call_s, spin_after_s

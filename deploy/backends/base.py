@@ -24,6 +24,19 @@ if TYPE_CHECKING:
     from calibration.sources import ImageSet
 
 
+def import_status(module: str, label: str) -> str | None:
+    """None when `module` imports here, else the one-line reason (a runtime's native library can fail to load)."""
+    import importlib
+
+    from runtimes.artifacts import one_line
+
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # ImportError, or OSError/RuntimeError from a broken native library
+        return f"{label} failed to import ({one_line(e)}); reinstall it with `pip install -e .`."
+    return None
+
+
 @dataclass(frozen=True)
 class RunnerOptions:
     """How to open a runner: CPU threads (None: the library's default)."""

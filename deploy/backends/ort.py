@@ -1,17 +1,15 @@
 """ONNX Runtime on the CPU: runs the reference ONNX itself, and a static QDQ INT8 ONNX (U8S8, per-channel)."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from export.layout import ORT_INT8, REFERENCE_ONNX
 from export.manifest import Artifact
 from partialnet.errors import DeployError
-from runtimes.artifacts import one_line
 from runtimes.base import Runner
 from runtimes.cpu import usable_cores
 
-from .base import BuildContext, Int8Inputs, RunnerOptions, TritonModel
+from .base import BuildContext, Int8Inputs, RunnerOptions, TritonModel, import_status
 
 
 class OnnxRuntime:
@@ -22,11 +20,7 @@ class OnnxRuntime:
     builds_offline = False
 
     def status(self) -> str | None:
-        try:
-            importlib.import_module("onnxruntime")
-        except Exception as e:  # ImportError, or OSError/RuntimeError from a broken native library
-            return f"onnxruntime failed to import ({one_line(e)}); reinstall it with `pip install -e .`."
-        return None
+        return import_status("onnxruntime", "onnxruntime")
 
     def build(self, ctx: BuildContext, precision: str) -> Artifact:
         """The reference ONNX is this backend's FP32 artifact: the export wrote and recorded it already."""

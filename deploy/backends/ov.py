@@ -1,16 +1,14 @@
 """OpenVINO on the CPU: an FP32 IR (also compiled as bf16 where the CPU has it) and an NNCF INT8 IR."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from export.layout import OV_FP32, OV_INT8, ir_weights
 from export.manifest import Artifact
 from partialnet.files import file_sha256
-from runtimes.artifacts import one_line
 from runtimes.base import Runner
 
-from .base import BuildContext, Int8Inputs, RunnerOptions, TritonModel
+from .base import BuildContext, Int8Inputs, RunnerOptions, TritonModel, import_status
 
 
 class OpenVINO:
@@ -21,11 +19,7 @@ class OpenVINO:
     builds_offline = False
 
     def status(self) -> str | None:
-        try:
-            importlib.import_module("openvino")
-        except Exception as e:  # ImportError, or OSError/RuntimeError from a broken native library
-            return f"OpenVINO failed to import ({one_line(e)}); reinstall it with `pip install -e .`."
-        return None
+        return import_status("openvino", "OpenVINO")
 
     def build(self, ctx: BuildContext, precision: str) -> Artifact:
         from runtimes.ov import convert_to_ir, require_inference_precision

@@ -2,35 +2,9 @@
 from __future__ import annotations
 
 import argparse
-
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port (1-65535), got {value}")
-    return value
+from deploy import argtypes
 
 
 def _log(args):
@@ -91,11 +65,11 @@ def _model_args(p: argparse.ArgumentParser, *, batching: bool = True) -> None:
     p.add_argument("--model-name", default=None, help="served model name (default: the manifest's variant, e.g. "
                    "partialnet_t0; the image model is NAME_image)")
     if batching:
-        p.add_argument("--max-batch", type=_positive_int, default=8,
+        p.add_argument("--max-batch", type=argtypes.positive_int, default=8,
                        help="largest batch Triton's dynamic batcher forms, and most images per request (default 8)")
-        p.add_argument("--max-queue-delay-us", type=_non_negative_int, default=500,
+        p.add_argument("--max-queue-delay-us", type=argtypes.non_negative_int, default=500,
                        help="how long a request may wait for others to batch with, in microseconds (default 500)")
-        p.add_argument("--instances", type=_positive_int, default=1,
+        p.add_argument("--instances", type=argtypes.positive_int, default=1,
                        help="model instances (each its own runner; default 1)")
 
 
@@ -112,10 +86,10 @@ def add_parsers(subparsers, common_parent: argparse.ArgumentParser) -> None:
                    "one that runs the reference ONNX)")
     p.add_argument("--precision", default=None, help="artifact precision: fp32, bf16, fp16, int8 (default fp32)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--grpc-port", type=_port, default=8001, help="gRPC port (default 8001)")
-    p.add_argument("--metrics-port", type=_port, default=8002, help="Prometheus metrics port (default 8002)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads per runner (at most the usable cores)")
+    p.add_argument("--port", type=argtypes.port, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=argtypes.port, default=8001, help="gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=argtypes.port, default=8002, help="Prometheus metrics port (default 8002)")
+    p.add_argument("--threads", type=argtypes.threads, default=None, help="CPU threads per runner")
     p.add_argument("--server-log", action="store_true", help="show tritonserver's own log on stderr")
     _model_args(p)
     p.set_defaults(handler=cmd_serve)
@@ -142,9 +116,9 @@ def add_parsers(subparsers, common_parent: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="server URL: http://HOST:PORT (KServe v2 HTTP) or grpc://HOST:PORT")
     p.add_argument("--data", required=True, help="preprocessed float32 .npy (sent to NAME), or images: a folder or a "
                    ".txt list (sent as encoded bytes to NAME_image, unless --no-images)")
-    p.add_argument("--concurrency", type=_positive_int, default=8, help="client threads (default 8)")
-    p.add_argument("--requests", type=_positive_int, default=1000, help="requests in all (default 1000)")
-    p.add_argument("--batch", type=_positive_int, default=1, help="images per request (default 1)")
+    p.add_argument("--concurrency", type=argtypes.positive_int, default=8, help="client threads (default 8)")
+    p.add_argument("--requests", type=argtypes.positive_int, default=1000, help="requests in all (default 1000)")
+    p.add_argument("--batch", type=argtypes.positive_int, default=1, help="images per request (default 1)")
     p.add_argument("--model-name", default=None, help="served tensor model (default: the only non-image model the "
                    "server has, or the --verify manifest's variant)")
     p.add_argument("--no-images", dest="send_images", action="store_false",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 
 from calibration.cache import CacheKey, KeyedCache

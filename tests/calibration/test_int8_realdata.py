@@ -7,7 +7,6 @@ from __future__ import annotations
 
 
 import numpy as np
-import onnx
 import pytest
 
 from calibration.ort_int8 import quantize_ort

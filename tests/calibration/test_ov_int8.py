@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import onnx
 import pytest
 
 from partialnet.errors import UsageError

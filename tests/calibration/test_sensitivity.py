@@ -14,7 +14,7 @@ from calibration.policy import NO_EXCLUSIONS
 from calibration.sensitivity import Target, sensitivity_pass
 from calibration.sources import default_images
 from partialnet.errors import UsageError
-from int8_fixtures import T0_UNITS, agreement
+from int8_fixtures import T0_UNITS
 
 
 

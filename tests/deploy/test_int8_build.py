@@ -6,7 +6,6 @@ The model is PartialNet-T0 with randomized BatchNorm statistics, affines and iRP
 from __future__ import annotations
 
 
-import onnx
 import pytest
 import torch
 
