@@ -278,8 +278,11 @@ class DeploySRMGate(nn.Module):
         )
         return cls(_conv_with(conv, stacked, b), map_size, input_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check(self, x: Tensor) -> None:
         _check_map_size("this SRM gate", x, self.map_size, self.input_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
         mean = x.mean(dim=(2, 3), keepdim=True)
         centered = x - mean
         std = (centered * centered).mean(dim=(2, 3), keepdim=True).sqrt()  # biased; the correction is in cfc1
@@ -362,6 +365,7 @@ class DeployMLP(nn.Module):
         self.act = act
         self.fc2 = fc2
         self.gated = gate_shift is not None
+        self.logit_last = False  # export.rewrites' sp_logit_last moves the gate-logit row to the end
         if gate_shift is not None:
             half = gate_shift.shape[0]
             self.splits = [half, 1, fc2.out_channels - half - 1]
@@ -371,7 +375,11 @@ class DeployMLP(nn.Module):
         z = self.fc2(self.act(self.fc1(x)))
         if not self.gated:
             return z
-        gated, logit, plain = torch.split(z, self.splits, dim=1)
+        if self.logit_last:
+            half, one, rest = self.splits
+            gated, plain, logit = torch.split(z, [half, rest, one], dim=1)
+        else:
+            gated, logit, plain = torch.split(z, self.splits, dim=1)
         return torch.cat((gated * logit.clamp(0.0, 1.0) + self.gate_shift, plain), dim=1)
 
 

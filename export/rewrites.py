@@ -1,0 +1,149 @@
+"""Inference-form rewrites of a reparameterized PartialNet: the same function in another graph layout.
+
+Each rewrite changes only how the deploy model computes, never what: its weights are a permutation or a
+reshape of the folded ones, and `tests/export/test_rewrites.py` holds each to 1e-5 of the largest logit against
+the training model with randomized BatchNorm statistics. They are measured one at a time against the plain
+reparameterized graph by `benchmarks/rewrites.py` (numbers in benchmarks/REWRITES.md); `ADOPTED` lists those that
+were faster on both CPU runtimes (or faster on one and neutral on the other) and that `deploy export` applies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .reparam import DeployMLP, DeploySRMGate
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    name: str
+    summary: str
+    apply: Callable[[nn.Module], int]  # rewrites a deploy model in place; returns how many modules it changed
+
+
+class LinearSRMGate(DeploySRMGate):
+    """The SRM gate's folded cfc1 as a matrix product on the flattened [mean; std] vector, not a 1x1 convolution
+    on a 1x1 map: runtimes run that as a plain GEMV (OpenVINO: a FullyConnected; ONNX Runtime: a Gemm outside its
+    blocked-layout pass, so no reorders around it)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        centered = x - mean
+        std = (centered * centered).mean(dim=(2, 3), keepdim=True).sqrt()
+        stats = torch.cat((mean, std), dim=1).flatten(1)
+        gate = F.linear(stats, self.cfc1.weight.flatten(1), self.cfc1.bias).clamp(0.0, 1.0)
+        return x * gate[:, :, None, None]
+
+
+def _srm_gemm(model: nn.Module) -> int:
+    changed = 0
+    for module in model.modules():
+        if type(module) is DeploySRMGate:
+            module.__class__ = LinearSRMGate
+            changed += 1
+    return changed
+
+
+def _sp_logit_last(model: nn.Module) -> int:
+    """Move the merged PAT_sp conv's gate-logit row from the middle (row C/2) to the end (row C), so the Split
+    after it cuts at C/2 and C: offsets on the runtimes' channel blocks instead of C/2 + 1."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, DeployMLP) and module.gated and not module.logit_last:
+            half, _, rest = module.splits
+            order = list(range(half)) + list(range(half + 1, half + 1 + rest)) + [half]
+            with torch.no_grad():
+                module.fc2.weight.copy_(module.fc2.weight[order].clone())
+                if module.fc2.bias is not None:
+                    module.fc2.bias.copy_(module.fc2.bias[order].clone())
+            module.logit_last = True
+            changed += 1
+    return changed
+
+
+def _conv1x1(weight: Tensor, bias: Tensor, like: nn.Conv2d) -> nn.Conv2d:
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1, bias=True, device=like.weight.device,
+                     dtype=like.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight.view(conv.weight.shape))
+        conv.bias.copy_(bias)
+    return conv
+
+
+class GateConvMLP(nn.Module):
+    """The merged PAT_sp MLP with its gate-logit row as a conv of its own on the hidden activation: the second
+    conv keeps exactly C rows (no C+1-wide tensor padded up to the runtimes' channel blocks) and the Split cuts
+    at C/2. Same rows, same arithmetic as the merged conv."""
+
+    def __init__(self, mlp: DeployMLP):
+        super().__init__()
+        half, _, rest = mlp.splits
+        w, b = mlp.fc2.weight.detach(), mlp.fc2.bias.detach()
+        keep = list(range(half)) + list(range(half + 1, half + 1 + rest))
+        self.fc1, self.act = mlp.fc1, mlp.act
+        self.fc2 = _conv1x1(w[keep], b[keep], mlp.fc2)
+        self.gate = _conv1x1(w[half:half + 1], b[half:half + 1], mlp.fc2)
+        self.half, self.rest = half, rest
+        self.gate_shift = mlp.gate_shift
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.fc1(x))
+        gated, plain = torch.split(self.fc2(h), [self.half, self.rest], dim=1)
+        return torch.cat((gated * self.gate(h).clamp(0.0, 1.0) + self.gate_shift, plain), dim=1)
+
+
+class BroadcastGateMLP(GateConvMLP):
+    """`GateConvMLP` with no Split or Concat: `z * clamp(expand(gate(h)), 0, 1) + shift` on all C rows, where
+    `expand` (a 1 -> C conv) copies the logit to the gated half and gives the plain half a constant 1, and shift
+    is [t; 0]. Multiplying by 1.0 and adding 0.0 leave the plain rows bit-identical."""
+
+    def __init__(self, mlp: DeployMLP):
+        super().__init__(mlp)
+        dim = self.half + self.rest
+        gated = (torch.arange(dim) < self.half).to(self.fc2.weight.dtype)
+        self.expand = _conv1x1(gated.view(dim, 1), 1.0 - gated, self.fc2)
+        shift = torch.zeros(1, dim, 1, 1, dtype=self.fc2.weight.dtype)
+        shift[:, :self.half] = self.gate_shift.detach()
+        self.full_shift = nn.Parameter(shift)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.fc1(x))
+        return self.fc2(h) * self.expand(self.gate(h)).clamp(0.0, 1.0) + self.full_shift
+
+
+def _replace_gated_mlps(make: Callable[[DeployMLP], nn.Module]) -> Callable[[nn.Module], int]:
+    def apply(model: nn.Module) -> int:
+        changed = 0
+        for module in model.modules():
+            mlp = getattr(module, "mlp", None)
+            if isinstance(mlp, DeployMLP) and mlp.gated and not mlp.logit_last:
+                module.mlp = make(mlp)
+                changed += 1
+        return changed
+    return apply
+
+
+REWRITES: dict[str, Rewrite] = {r.name: r for r in (
+    Rewrite("srm_gemm", "SRM gate cfc1 as Gemm on [B, 2C] (not a 1x1 conv on a 1x1 map)", _srm_gemm),
+    Rewrite("sp_logit_last", "PAT_sp gate-logit row last: Split at C/2 and C, not C/2 and C/2+1", _sp_logit_last),
+    Rewrite("sp_gate_conv", "PAT_sp gate row as its own hidden -> 1 conv; the second conv keeps C rows",
+            _replace_gated_mlps(GateConvMLP)),
+    Rewrite("sp_broadcast", "sp_gate_conv with no Split/Concat: z * clamp(expand(gate)) + [t; 0] on C rows",
+            _replace_gated_mlps(BroadcastGateMLP)),
+)}
+
+ADOPTED: tuple[str, ...] = ()
+
+
+def apply_rewrites(model: nn.Module, names: Iterable[str]) -> nn.Module:
+    """Apply the named rewrites to a reparameterized model, in place; returns it."""
+    for name in names:
+        if name not in REWRITES:
+            raise ValueError(f"unknown rewrite {name!r}; known: {', '.join(REWRITES)}")
+        REWRITES[name].apply(model)
+    return model
