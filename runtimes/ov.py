@@ -5,10 +5,12 @@ INFERENCE_PRECISION_HINT explicitly and reads back what the compiled model actua
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -126,9 +128,14 @@ PerformanceHint = Literal["LATENCY", "THROUGHPUT"]
 
 def compile_for(path: str | Path, *, precision: str = "fp32", device: str = "CPU", threads: int | None = None,
                 cache_dir: str | Path | None = None, inference_precision: InferencePrecision | None = None,
-                hint: PerformanceHint = "LATENCY", streams: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
+                hint: PerformanceHint = "LATENCY", streams: int | None = None,
+                batch: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """Read and compile an OpenVINO model as a user deploys it: the performance hint set, the inference precision
-    pinned and read back (never silently substituted). Returns (core, compiled model, options in effect)."""
+    pinned and read back (never silently substituted). Returns (core, compiled model, options in effect).
+
+    With `batch`, the inputs get that static batch size, as `benchmark_app -b N` compiles them: OpenVINO's CPU
+    plugin runs a static shape markedly faster than a dynamic batch (benchmarks/DECISIONS.md). Without, the batch
+    is dynamic."""
     import openvino as ov
 
     if precision not in PRECISIONS:
@@ -154,7 +161,7 @@ def compile_for(path: str | Path, *, precision: str = "fp32", device: str = "CPU
         model = core.read_model(str(path))
     except Exception as e:
         raise load_failure(path, "OpenVINO", e) from e
-    _make_batch_dynamic(model, ov)
+    _set_batch(model, ov, batch)
     int8_cpu = _rt_info(model, INT8_CPU_KEY)
     if device == "CPU" and int8_cpu == "vnni" and int8_dot_saturates():
         raise BackendUnavailable(
@@ -169,6 +176,10 @@ def compile_for(path: str | Path, *, precision: str = "fp32", device: str = "CPU
         config[ov.properties.inference_num_threads] = threads
     if streams is not None:
         config[ov.properties.num_streams] = streams
+    if batch is not None and device == "CPU":
+        # Static shapes switch on the CPU plugin's "snippets" (generated subgraph kernels); on one Intel CPU with
+        # AMX they changed FP32 logits by 0.26 in 7 (benchmarks/DECISIONS.md). Off, the static shape stays exact.
+        config["SNIPPETS_MODE"] = "DISABLE"
     cache_note = None
     if cache_dir is not None:  # a read-only export still runs: the cache goes elsewhere, or is not used
         cache_dir, cache_note = usable_cache_dir(Path(cache_dir))
@@ -200,13 +211,61 @@ def compile_for(path: str | Path, *, precision: str = "fp32", device: str = "CPU
         "cache_dir": str(cache_dir) if cache_dir is not None else None,
         "cache_note": cache_note,
         "int8_cpu": int8_cpu,
+        "static_batch": batch,
     }
     return core, compiled, options
 
 
+class _StaticShapes:
+    """One compiled model per batch size, made on first use from the same options, the last MAX_SHAPES kept."""
+
+    MAX_SHAPES = 4
+
+    def __init__(self, path: str | Path, first_batch: int, **options: Any):
+        self._compile = functools.partial(compile_for, path, **options)
+        _, compiled, self.options = self._compile(batch=first_batch)
+        self._compiled: OrderedDict[int, Any] = OrderedDict({first_batch: self._prepare(compiled)})
+        self.first = compiled
+
+    def _prepare(self, compiled: Any) -> Any:
+        return compiled
+
+    def get(self, batch: int) -> Any:
+        if batch in self._compiled:
+            self._compiled.move_to_end(batch)
+        else:
+            self._compiled[batch] = self._prepare(self._compile(batch=batch)[1])
+            while len(self._compiled) > self.MAX_SHAPES:
+                self._compiled.popitem(last=False)
+        return self._compiled[batch]
+
+    def batches(self) -> list[int]:
+        return list(self._compiled)
+
+    def clear(self) -> None:
+        self._compiled.clear()
+        self.first = None
+
+
+class _Requests(_StaticShapes):
+    def _prepare(self, compiled: Any) -> Any:
+        return compiled, compiled.create_infer_request()
+
+
+class _Queues(_StaticShapes):
+    requests = 1
+
+    def _prepare(self, compiled: Any) -> Any:
+        import openvino as ov
+
+        self.requests = int(compiled.get_property(ov.properties.optimal_number_of_infer_requests))
+        return compiled, ov.AsyncInferQueue(compiled, self.requests)
+
+
 class OpenVINORunner:
     """Runs an OpenVINO IR (.xml) or an .onnx file with OpenVINO on one device, at a pinned inference precision,
-    under the LATENCY hint (one request at a time)."""
+    under the LATENCY hint (one request at a time). Any batch size runs: each is compiled as a static shape on
+    first use (the last four are kept), as `benchmark_app -b N` runs it."""
 
     def __init__(
         self,
@@ -218,57 +277,61 @@ class OpenVINORunner:
         cache_dir: str | Path | None = None,
         inference_precision: InferencePrecision | None = None,
     ):
-        _, self._compiled, self.options = compile_for(path, precision=precision, device=device, threads=threads,
-                                                      cache_dir=cache_dir, inference_precision=inference_precision)
+        self._shapes = _Requests(path, 1, precision=precision, device=device, threads=threads, cache_dir=cache_dir,
+                                 inference_precision=inference_precision)
+        self.options = self._shapes.options
+        self.options["static_batch"] = "per call"
         self.path = Path(path)
         self.name = f"openvino:{device.lower()}:{precision}"
         self.precision = precision
         self.device = device
-        self.inputs = [_spec(p) for p in self._compiled.inputs]
-        self.outputs = [_spec(p) for p in self._compiled.outputs]
-        self._request = self._compiled.create_infer_request()
+        compiled = self._shapes.first
+        self.inputs = [_spec(p, free_batch=True) for p in compiled.inputs]
+        self.outputs = [_spec(p, free_batch=True) for p in compiled.outputs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.inputs, feeds)
-        result = self._request.infer({name: feeds[name] for name in (s.name for s in self.inputs)})
-        return {spec.name: np.array(result[port]) for spec, port in zip(self.outputs, self._compiled.outputs)}
+        compiled, request = self._shapes.get(int(feeds[self.inputs[0].name].shape[0]))
+        result = request.infer({name: feeds[name] for name in (s.name for s in self.inputs)})
+        return {spec.name: np.array(result[port]) for spec, port in zip(self.outputs, compiled.outputs)}
+
+    def compiled_batches(self) -> list[int]:
+        """The batch sizes compiled now, least recently used first."""
+        return self._shapes.batches()
 
     def close(self) -> None:
-        self._request = None
-        self._compiled = None
+        self._shapes.clear()
 
 
 class OpenVINOStreams:
     """OpenVINO under the THROUGHPUT hint: an AsyncInferQueue with as many requests as OpenVINO asks for, on the
-    streams it chooses (or `streams`), as benchmark_app -hint throughput runs it."""
+    streams it chooses (or `streams`), as benchmark_app -hint throughput runs it (a static shape per batch size)."""
 
     def __init__(self, path: str | Path, *, precision: str = "fp32", device: str = "CPU", threads: int | None = None,
                  streams: int | None = None, cache_dir: str | Path | None = None):
-        import openvino as ov
-
-        _, self._compiled, self.options = compile_for(path, precision=precision, device=device, threads=threads,
-                                                      cache_dir=cache_dir, hint="THROUGHPUT", streams=streams)
-        self.requests = int(self._compiled.get_property(ov.properties.optimal_number_of_infer_requests))
+        self._shapes = _Queues(path, 1, precision=precision, device=device, threads=threads,
+                               cache_dir=cache_dir, hint="THROUGHPUT", streams=streams)
+        self.options = self._shapes.options
+        self.requests = self._shapes.requests
         self.streams = self.options["streams"]
         self.options["requests"] = self.requests
-        self._queue = ov.AsyncInferQueue(self._compiled, self.requests)
-        self._input = self._compiled.inputs[0]
 
     def run_for(self, x: np.ndarray, seconds: float):
         from .throughput import Sample
 
+        compiled, queue = self._shapes.get(len(x))
+        port = compiled.inputs[0]
         latencies: list[float] = []
-        self._queue.set_callback(lambda request, started: latencies.append(time.perf_counter() - started))
+        queue.set_callback(lambda request, started: latencies.append(time.perf_counter() - started))
         start = time.perf_counter()
         deadline = start + seconds
         while time.perf_counter() < deadline or not latencies:
-            self._queue.start_async({self._input: x}, time.perf_counter())  # waits for a free request
-        self._queue.wait_all()
+            queue.start_async({port: x}, time.perf_counter())  # waits for a free request
+        queue.wait_all()
         return Sample(len(latencies), len(x), time.perf_counter() - start, tuple(latencies))
 
     def close(self) -> None:
-        self._queue = None
-        self._compiled = None
+        self._shapes.clear()
 
 
 def _writable_dir(path: Path) -> bool:
@@ -298,13 +361,13 @@ def usable_cache_dir(preferred: Path) -> tuple[Path | None, str | None]:
     return None, f"{preferred} is not writable (nor {base}); OpenVINO compiles without a cache (a slower start)"
 
 
-def _make_batch_dynamic(model: Any, ov: Any) -> None:
-    """Reshape every input whose batch dimension is fixed to a dynamic batch, keeping the other dimensions."""
+def _set_batch(model: Any, ov: Any, batch: int | None) -> None:
+    """Give every input the batch size `batch` (None: a dynamic batch), keeping the other dimensions."""
     new_shapes = {}
     for port in model.inputs:
         shape = port.get_partial_shape()
-        if shape.rank.is_static and shape.rank.get_length() > 0 and shape[0].is_static:
-            dims = [ov.Dimension(-1)] + [shape[i] for i in range(1, shape.rank.get_length())]
+        if shape.rank.is_static and shape.rank.get_length() > 0:
+            dims = [ov.Dimension(-1 if batch is None else batch)] + [shape[i] for i in range(1, shape.rank.get_length())]
             new_shapes[port.get_any_name()] = ov.PartialShape(dims)
     if new_shapes:
         model.reshape(new_shapes)
@@ -321,6 +384,7 @@ def _type_name(element_type: Any) -> str:
     return element_type.get_type_name()
 
 
-def _spec(port: Any) -> TensorSpec:
-    shape = tuple(None if d.is_dynamic else d.get_length() for d in port.get_partial_shape())
+def _spec(port: Any, free_batch: bool = False) -> TensorSpec:
+    shape = tuple(None if d.is_dynamic or (free_batch and i == 0) else d.get_length()
+                  for i, d in enumerate(port.get_partial_shape()))
     return TensorSpec(port.get_any_name(), str(port.get_element_type().to_dtype()), shape)

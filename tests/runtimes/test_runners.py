@@ -437,3 +437,15 @@ def test_tensorrt_int8_needs_a_qdq_onnx(trt_ready, onnx_path, tmp_path):
 
     with pytest.raises(EngineBuildError, match="no QuantizeLinear/DequantizeLinear nodes"):
         build_engine(onnx_path, tmp_path / "m.plan", EngineSpec("int8", SIZE))
+
+
+def test_openvino_compiles_each_batch_size_as_a_static_shape_and_keeps_four(tmp_path):
+    runner = OpenVINORunner(tiny_onnx(tmp_path / "tiny.onnx"))
+    assert runner.inputs[0].shape == (None, 3, 4, 4)
+    for batch in (1, 2, 3, 4, 5, 3):
+        x = np.linspace(-1, 1, batch * 3 * 4 * 4, dtype=np.float32).reshape(batch, 3, 4, 4)
+        np.testing.assert_array_equal(runner.run({INPUT_NAME: x})[OUTPUT_NAME], np.maximum(x, 0))
+    assert runner.compiled_batches() == [2, 4, 5, 3]  # 1 evicted; 3 used last
+    compiled, _ = runner._shapes.get(5)
+    assert compiled.inputs[0].get_partial_shape().is_static
+    assert list(compiled.inputs[0].get_shape()) == [5, 3, 4, 4]
