@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for every runtime (default: each library's default)")
     p.add_argument("--work-dir", help="where the exports go (default: a temporary folder, removed at the end)")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "RESULTS.md"), help="Markdown file to write")
+    p.add_argument("--generic", type=Path, help="a benchmarks/generic.py result (GENERIC.md) to include as the "
+                                                 "section on this project's lead over the generic pipeline")
     return p
 
 
@@ -245,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"== {variant}")
             outcomes.append(run_variant(variant, work, args))
     text = results_markdown(outcomes, args, argv, time.perf_counter() - t0)
+    if args.generic:
+        body = args.generic.read_text(encoding="utf-8").split("\n", 1)[1].strip()
+        text = text.rstrip() + f"\n\n## Against the generic pipeline ({args.generic.name})\n\n{body}\n"
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(f".{out.name}.tmp")
