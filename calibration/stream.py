@@ -47,6 +47,13 @@ def decode(paths: Sequence[str], pp: Preprocess) -> tuple[np.ndarray, np.ndarray
     return x, ok, errors, time.perf_counter() - start
 
 
+def _ignore_interrupts() -> None:
+    """Ctrl-C is the parent's to handle (it saves the state); a decoding worker just stops with the pool."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @dataclass
 class FileSource:
     """Image files, decoded on demand through the one preprocessing contract."""
@@ -68,8 +75,8 @@ class FileSource:
             for i, paths in zip(todo, rows):
                 yield Batch(first_index + i, *decode(paths, self.pp))
             return
-        ctx = multiprocessing.get_context("forkserver")
-        with ctx.Pool(workers) as pool:
+        ctx = multiprocessing.get_context("forkserver")  # fresh processes: no copy of the runtimes' threads or models
+        with ctx.Pool(workers, initializer=_ignore_interrupts) as pool:
             pending: deque = deque()
             jobs = iter(zip(todo, rows))
             for i, paths in jobs:  # keep workers + PREFETCH * workers batches in flight, no more
