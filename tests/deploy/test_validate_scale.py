@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from deploy.cli import main
+from helpers import noise_class_folders
 from runtimes.sums import DriftSums, ExactSum, kth_smallest, median
 
 SYNSETS = ("n01440764", "n01443537", "n01484850")
@@ -24,13 +25,7 @@ def folder(tiny_export):
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     """Three class subfolders of 7 noise PNGs each: 21 images, so batches of 4 leave a short last one."""
-    root = tmp_path_factory.mktemp("scale")
-    rng = np.random.default_rng(3)
-    for name in ("ants", "bees", "cats"):
-        (root / name).mkdir()
-        for i in range(7):
-            Image.fromarray(rng.integers(0, 256, (70, 84, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
+    return noise_class_folders(tmp_path_factory.mktemp("scale"), ("ants", "bees", "cats"), 7, seed=3, shape=(70, 84))
 
 
 def validate(capsys, folder, *extra) -> tuple[int, dict, str]:
