@@ -8,7 +8,6 @@ exit code.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 import time
@@ -33,7 +32,7 @@ from .opening import (ExportHandle, Opened, close_all, nothing_runs_error, open_
                       require_export_memory, select_rows)
 from .report import Report, isa_summary
 from .streaming import (CHECKPOINT_S, LogitStore, Measurer, RunState, RunSums, ShardResult, check_save_dir,
-                        fingerprint, pair_name, topk_correct)
+                        fingerprint, pair_name)
 
 DEFAULT_SAMPLES = 64  # images drawn from the embedded default set when no --data is given
 BOOTSTRAP_RESAMPLES = 10_000
@@ -655,6 +654,14 @@ def validation_markdown(doc: dict[str, Any]) -> str:
                          f"{s['max_abs_logit_error']:.3g} | {s['mean_abs_logit_error']:.3g} | "
                          f"{s['cosine_similarity']:.6f} | {s['top1_agreement']:.4f} | {s['mean_kl']:.3g} |")
     lines += [f"- {n}" for n in doc["decomposition"]["notes"]]
+    t = doc.get("throughput") or {}
+    if t.get("images_per_s"):
+        lines += ["", "## Throughput", "",
+                  f"{t['images']} images in {t['wall_s']:.1f} s ({t['images_per_s']:.1f} images/s"
+                  + (f", on {t['cluster']}" if t.get("cluster") else f", {t['workers']} decoding worker(s)")
+                  + f"); decoding {t['decode_s']:.1f} s, {_pct(t['decode_share'])} of decoding plus runner time. "
+                  "Per runner (its own compute time): "
+                  + ", ".join(f"{k} {v:.0f} images/s" for k, v in t["runners_images_per_s"].items() if v) + "."]
     lines += ["", "## Gates", "", "| check | result | detail |", "|---|---|---|"]
     lines += [f"| {g['name']} | {'pass' if g['passed'] else 'FAIL'} | {'; '.join(g['failures']) or '-'} |"
               for g in doc["gates"]]
