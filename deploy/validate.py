@@ -31,7 +31,7 @@ from .backends import EAGER, RunnerOptions
 from .opening import (ExportHandle, Opened, close_all, nothing_runs_error, open_export, open_rows,
                       require_export_memory, select_rows)
 from .report import Report, isa_summary
-from .streaming import (CHECKPOINT_S, LogitStore, Measurer, RunState, RunSums, ShardResult, check_save_dir,
+from .streaming import (CHECKPOINT_S, NOISE_FLOOR_ROWS, LogitStore, Measurer, RunState, RunSums, ShardResult, check_save_dir,
                         fingerprint, pair_name)
 
 DEFAULT_SAMPLES = 64  # images drawn from the embedded default set when no --data is given
@@ -525,7 +525,8 @@ def _report(export: ExportHandle, runners: Sequence[Opened], skipped: list[dict[
     report.section("skipped", skipped)
     report.section("not_exported", manifest.skipped)
     report.section("settings", {"gates": gates.to_dict(), "tolerances": {p: t.to_dict() for p, t in TOLERANCES.items()},
-                                "noise_floor": floor, "threads": threads, "batch_size": batch_size,
+                                "noise_floor": floor, "noise_floor_images": min(len(images), _floor_rows(batch_size)),
+                                "threads": threads, "batch_size": batch_size,
                                 "bootstrap_resamples": BOOTSTRAP_RESAMPLES})
     report.section("throughput", m.throughput)
     doc = report.to_document()
@@ -540,6 +541,11 @@ def _report(export: ExportHandle, runners: Sequence[Opened], skipped: list[dict[
     if report.failed:
         console(f"validation failed: {'; '.join(report.failures)}")
     return Validation(doc, markdown)
+
+
+def _floor_rows(batch_size: int) -> int:
+    """Rows of the batches the noise floor is measured on (those starting before NOISE_FLOOR_ROWS)."""
+    return -(-NOISE_FLOOR_ROWS // batch_size) * batch_size
 
 
 def _require_labels(images: Data, gates: Gates) -> None:
@@ -641,7 +647,7 @@ def validation_markdown(doc: dict[str, Any]) -> str:
     lines += ["## Artifacts against eager", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     lines += ["", f"Eager fp32-vs-float64 noise floor: {doc['settings']['noise_floor']:.3g} "
-              f"(max abs logit difference).", ""]
+              f"(max abs logit difference, on the first {doc['settings'].get('noise_floor_images', '-')} images).", ""]
     notes = disagreement_notes(doc["artifacts"])
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += ["## Drift decomposition", "",
