@@ -96,25 +96,40 @@ def _sample(groups: list[list[int]], limit: int | None, rng: np.random.Generator
     return sorted(picked)
 
 
-def image_files(path: str | Path) -> tuple[list[Path], list[int] | None, list[str] | None, str]:
+def image_files(path: str | Path, *, labels_file: str | Path | None = None, class_index: str | Path | None = None
+                ) -> tuple[list[Path], list[int] | None, list[str] | None, str]:
     """The image files a data argument names, with labels when it has class subfolders or a labelled list.
 
-    A folder: recursive (jpg, png, webp, bmp); class subfolders become labels in sorted-name order. A text file:
-    one image path per line (relative to the file), optionally followed by an integer label.
+    A folder: recursive (jpg, png, webp, bmp); class subfolders become labels in sorted-name order (or, with
+    `class_index`, the index it gives each subfolder's name). A flat folder with `labels_file` (ImageNet's
+    validation layout): labels from Kaggle's `ImageId,PredictionString` CSV or a `name label` list. A text file:
+    one image path per line (relative to the file), optionally followed by a label.
     """
     from partialnet.errors import UsageError
     from partialnet.preprocess import iter_image_files
 
+    from .layouts import read_class_index, read_ground_truth
+
     path = Path(path)
     if not path.exists():
         raise UsageError(f"data path {path} does not exist.")
+    index = read_class_index(class_index) if class_index is not None else None
+    if labels_file is not None:
+        if not path.is_dir():
+            raise UsageError(f"--labels applies to a flat folder of images (ImageNet's validation layout); {path} "
+                             f"is not a folder.")
+        files = list(iter_image_files(path))
+        labels = read_ground_truth(labels_file, files, index)
+        return files, labels, None, f"folder {path} (labels from {Path(labels_file).name})"
     if path.is_dir():
         classes = _class_dirs(path)
         loose = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp")]
         if classes and not loose:
             _require_no_empty_class(path, classes)
             files, labels = [], []
-            for idx, d in enumerate(classes):
+            ids = [lookup_class(index, d.name, f"{path}: subfolder {d.name}/") if index else i
+                   for i, d in enumerate(classes)]
+            for idx, d in zip(ids, classes):
                 for f in iter_image_files(d):
                     files.append(f)
                     labels.append(idx)
@@ -129,6 +144,9 @@ def image_files(path: str | Path) -> tuple[list[Path], list[int] | None, list[st
             if len(parts) == 2 and parts[1].lstrip("-").isdigit():
                 files.append((path.parent / parts[0]).resolve())
                 labels.append(int(parts[1]))
+            elif len(parts) == 2 and index is not None and parts[1] in index:
+                files.append((path.parent / parts[0]).resolve())
+                labels.append(index[parts[1]])
             else:
                 files.append((path.parent / line.strip()).resolve())
         if labels and len(labels) != len(files):
@@ -137,28 +155,38 @@ def image_files(path: str | Path) -> tuple[list[Path], list[int] | None, list[st
     raise UsageError(f"data path {path} must be a folder of images, a .txt list of image paths, or a .npy array.")
 
 
-def load_images(path: str | Path, pp: Preprocess, *, limit: int | None = None, seed: int = 0,
-                progress=None) -> ImageSet:
-    """Read, sample (seeded, stratified by class) and preprocess images; unreadable ones are skipped and counted."""
-    from partialnet.errors import DeployError, ImageError, UsageError
-    from partialnet.preprocess import load_image
+def lookup_class(index: dict[str, int], name: str, where: str) -> int:
+    from partialnet.errors import UsageError
 
-    path = Path(path)
-    if path.suffix.lower() == ".npy":
-        from partialnet.arrays import read_npy, require_finite
+    if name not in index:
+        raise UsageError(f"{where} names class {name!r}, which the --class-index file does not list "
+                         f"({len(index)} classes, e.g. {', '.join(list(index)[:3])}).")
+    return index[name]
 
-        if not path.exists():
-            raise UsageError(f"data path {path} does not exist.")
-        arr = read_npy(path, f"data array {path}")
-        if arr.dtype != np.float32 or arr.ndim != 4 or arr.shape[1:] != (3, pp.input_size, pp.input_size):
-            raise UsageError(
-                f"{path} holds {arr.dtype} {list(arr.shape)}; expected preprocessed float32 "
-                f"[N, 3, {pp.input_size}, {pp.input_size}]."
-            )
-        require_finite(arr, f"data array {path}", "Preprocess the images again, or drop those rows.")
-        idx = _sample([list(range(len(arr)))], limit, np.random.default_rng(seed))
-        return ImageSet(arr[idx], f"array {path} ({len(idx)} of {len(arr)} rows)", names=[f"{path.name}[{i}]" for i in idx])
-    files, labels, class_names, what = image_files(path)
+
+@dataclass
+class ImageList:
+    """The files a data argument names, sampled (seeded, stratified by class), with their labels: what streaming
+    validation decodes batch by batch."""
+
+    files: list[Path]
+    labels: list[int] | None
+    class_names: list[str] | None
+    what: str  # "folder X (10 class subfolders)"
+    total: int  # files before sampling
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self, kept: int) -> str:
+        """The data source sentence of a report, once `kept` images were read."""
+        return f"{self.what}: {kept} images" + (f" sampled from {self.total}" if len(self.files) < self.total else "")
+
+
+def list_images(path: str | Path, *, limit: int | None = None, seed: int = 0, labels_file: str | Path | None = None,
+                class_index: str | Path | None = None) -> ImageList:
+    """The files of a folder or list, sampled to `limit` with `seed` (round-robin over classes), in listing order."""
+    files, labels, class_names, what = image_files(path, labels_file=labels_file, class_index=class_index)
     if labels is not None:
         groups: dict[int, list[int]] = {}
         for i, lab in enumerate(labels):
@@ -166,25 +194,64 @@ def load_images(path: str | Path, pp: Preprocess, *, limit: int | None = None, s
         chosen = _sample(list(groups.values()), limit, np.random.default_rng(seed))
     else:
         chosen = _sample([list(range(len(files)))], limit, np.random.default_rng(seed))
+    return ImageList([files[i] for i in chosen], [labels[i] for i in chosen] if labels is not None else None,
+                     class_names, what, len(files))
+
+
+def read_array(path: str | Path, pp: Preprocess, *, mmap: bool = False) -> np.ndarray:
+    """A preprocessed float32 NCHW .npy, checked (dtype, shape, every value finite, in chunks when memory-mapped)."""
+    from partialnet.arrays import read_npy, require_finite
+    from partialnet.errors import UsageError
+
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"data path {path} does not exist.")
+    arr = read_npy(path, f"data array {path}", mmap=mmap)
+    if arr.dtype != np.float32 or arr.ndim != 4 or arr.shape[1:] != (3, pp.input_size, pp.input_size):
+        raise UsageError(
+            f"{path} holds {arr.dtype} {list(arr.shape)}; expected preprocessed float32 "
+            f"[N, 3, {pp.input_size}, {pp.input_size}]."
+        )
+    require_finite(arr, f"data array {path}", "Preprocess the images again, or drop those rows.")
+    return arr
+
+
+def sample_rows(n: int, limit: int | None, seed: int) -> list[int]:
+    """The rows of an unlabelled array that `limit` and `seed` pick, as load_images picks them."""
+    return _sample([list(range(n))], limit, np.random.default_rng(seed))
+
+
+def load_images(path: str | Path, pp: Preprocess, *, limit: int | None = None, seed: int = 0,
+                progress=None) -> ImageSet:
+    """Read, sample (seeded, stratified by class) and preprocess images; unreadable ones are skipped and counted."""
+    from partialnet.errors import DeployError, ImageError
+    from partialnet.preprocess import load_image
+
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        arr = read_array(path, pp)
+        idx = sample_rows(len(arr), limit, seed)
+        return ImageSet(arr[idx], f"array {path} ({len(idx)} of {len(arr)} rows)", names=[f"{path.name}[{i}]" for i in idx])
+    listed = list_images(path, limit=limit, seed=seed)
     images, kept_labels, names, skipped = [], [], [], []
-    iterator = progress(chosen) if progress else chosen
+    iterator = progress(range(len(listed))) if progress else range(len(listed))
     for i in iterator:
         try:
-            images.append(preprocess_image(load_image(files[i]), pp))
+            images.append(preprocess_image(load_image(listed.files[i]), pp))
         except ImageError as e:
             skipped.append(str(e))
             continue
-        names.append(str(files[i]))
-        if labels is not None:
-            kept_labels.append(labels[i])
+        names.append(str(listed.files[i]))
+        if listed.labels is not None:
+            kept_labels.append(listed.labels[i])
     if not images:
         detail = f" ({len(skipped)} unreadable)" if skipped else ""
         raise DeployError(f"no readable images in {path}{detail}; expected jpg, png, webp or bmp files.")
     return ImageSet(
         np.stack(images).astype(np.float32),
-        f"{what}: {len(images)} images" + (f" sampled from {len(files)}" if len(chosen) < len(files) else ""),
-        labels=np.asarray(kept_labels, np.int64) if labels is not None else None,
-        class_names=class_names,
+        listed.describe(len(images)),
+        labels=np.asarray(kept_labels, np.int64) if listed.labels is not None else None,
+        class_names=listed.class_names,
         names=names,
         skipped=skipped,
     )

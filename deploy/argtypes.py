@@ -79,3 +79,18 @@ def port(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"expected a TCP port (1-65535), got {value}")
     return value
+
+
+def cluster(text: str) -> str:
+    """local:N (a Dask LocalCluster of N processes on 127.0.0.1) or tcp://HOST:PORT (a running scheduler)."""
+    if text.startswith("local:"):
+        try:
+            positive_int(text.split(":", 1)[1])
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected local:N with N worker processes >= 1, got {text!r}") from None
+        return text
+    host, _, port_text = text.removeprefix("tcp://").rpartition(":")
+    if not text.startswith("tcp://") or not host:
+        raise argparse.ArgumentTypeError(f"expected local:N or tcp://HOST:PORT, got {text!r}")
+    port(port_text)
+    return text

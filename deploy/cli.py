@@ -188,6 +188,12 @@ def cmd_validate(args) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         allow_pickle=args.allow_pickle,
+        labels=args.labels,
+        class_index=args.class_index,
+        workers=args.workers,
+        cluster=args.cluster,
+        resume=args.resume,
+        save_logits=args.save_logits,
     )
     result = run_validation(req, _console(args))
     print(json_text(result.document) if args.json else format_validation(result.document))
@@ -292,8 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run eager and every artifact of an export folder on the same images; exit 3 if a "
                                    "tolerance or gate fails. Writes DIR/validation.json and DIR/validation.md.")
     p.add_argument("folder", metavar="DIR", help="export folder made by 'deploy export'")
-    p.add_argument("--data", help="images: folder (class subfolders = labels, in sorted order), .txt list of "
-                   "'path [label]' lines, or a preprocessed float32 .npy (default: the embedded set, no labels)")
+    p.add_argument("--data", help="images: folder (class subfolders = labels, in sorted order), a flat folder with "
+                   "--labels, .txt list of 'path [label]' lines, or a preprocessed float32 .npy (memory-mapped; "
+                   "default: the embedded set, no labels)")
+    p.add_argument("--labels", metavar="FILE", help="ground truth of a flat --data folder (ImageNet's validation "
+                   "layout): Kaggle's LOC_val_solution.csv (ImageId,PredictionString) or a val.txt of 'name label'")
+    p.add_argument("--class-index", metavar="FILE", help="class name (synset) to index: JSON, 'synset index' lines, "
+                   "or one synset per line in index order; for labels or subfolders named by synset")
+    p.add_argument("--workers", type=argtypes.non_negative_int, default=None,
+                   help="processes decoding images ahead of the runners (default: the usable cores; 0 decodes in "
+                        "this process)")
+    p.add_argument("--cluster", type=argtypes.cluster, default=None, metavar="SPEC",
+                   help="local:N (a Dask LocalCluster of N processes on 127.0.0.1) or tcp://HOST:PORT (a running "
+                        "Dask scheduler); needs the cluster extra")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted validation of the same inputs from its state in DIR")
+    p.add_argument("--save-logits", metavar="OUT", help="write each runner's logits as OUT/<key>.npy plus "
+                   "OUT/files.txt (a new or empty folder)")
     p.add_argument("--samples", type=argtypes.positive_int, default=None,
                    help="images to use, sampled with --seed (default: all of --data, or 64 of the embedded set)")
     p.add_argument("--backends", help="comma-separated backends to validate (default: every artifact in the manifest)")

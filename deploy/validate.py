@@ -7,26 +7,32 @@ exit code.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from calibration.sources import ImageSet, default_images, load_images
-from export.layout import VALIDATION
+from calibration.sources import default_images, list_images, read_array, sample_rows
+from calibration.stream import ArraySource, FileSource, file_source
+from export.layout import VALIDATION, VALIDATION_STATE
 from export.manifest import Artifact, Manifest
 from partialnet.console import SILENT, Console
-from partialnet.errors import UsageError
+from partialnet.errors import DeployError, UsageError
 from partialnet.files import atomic_write_json, atomic_write_text
 from partialnet.variants import Preprocess
-from runtimes.compare import TOLERANCES, Drift, disagreement_notes, run_all
-from runtimes.eager import fp32_noise_floor
+from runtimes.compare import TOLERANCES, Drift, disagreement_notes
 
 from .backends import EAGER, RunnerOptions
 from .opening import (ExportHandle, Opened, close_all, nothing_runs_error, open_export, open_rows,
                       require_export_memory, select_rows)
 from .report import Report, isa_summary
+from .streaming import (CHECKPOINT_S, NOISE_FLOOR_ROWS, LogitStore, Measurer, RunState, RunSums, ShardResult, check_save_dir,
+                        fingerprint, pair_name)
 
 DEFAULT_SAMPLES = 64  # images drawn from the embedded default set when no --data is given
 BOOTSTRAP_RESAMPLES = 10_000
@@ -91,8 +97,15 @@ class PairedComparison:
         cand = np.asarray(candidate_correct, dtype=bool)
         if ref.shape != cand.shape or ref.ndim != 1 or not len(ref):
             raise ValueError(f"need two equal, non-empty 1-D outcome vectors, got {ref.shape} and {cand.shape}")
-        b, c, n = int((ref & ~cand).sum()), int((~ref & cand).sum()), len(ref)
-        return cls(n, int(ref.sum()), int(cand.sum()), b, c, (c - b) / n, mcnemar_exact(b, c),
+        return cls.of_counts(len(ref), int(ref.sum()), int(cand.sum()), int((ref & ~cand).sum()),
+                             int((~ref & cand).sum()), seed=seed)
+
+    @classmethod
+    def of_counts(cls, n: int, reference_correct: int, candidate_correct: int, reference_only: int,
+                  candidate_only: int, *, seed: int = 0) -> "PairedComparison":
+        """The same from the disagreement table alone (what a streamed validation keeps)."""
+        b, c = reference_only, candidate_only
+        return cls(n, reference_correct, candidate_correct, b, c, (c - b) / n, mcnemar_exact(b, c),
                    paired_bootstrap_ci(b, c, n, seed=seed))
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,68 +114,224 @@ class PairedComparison:
         return d
 
 
-def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Per image: is the label among the k largest logits (ties broken by lower index, as in Drift)."""
-    k = min(k, logits.shape[1])
-    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    return (top == labels[:, None]).any(axis=1)
+# --------------------------------------------------------------------------- the images
+
+
+@dataclass
+class Data:
+    """The images a validation streams: a batch source, labels per row, and what the report says of them."""
+
+    source: FileSource | ArraySource
+    names: list[str]  # one per row: the file, or array[row]
+    labels: np.ndarray | None = None
+    class_names: list[str] | None = None
+    user_data: bool = True
+    describe: Callable[[int], str] = str  # readable rows -> the report's source sentence
+    where: str = ""  # the path, for messages
+    identity: str = ""  # what the rows are, for the resume fingerprint
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def read_images(data: str | None, pp: Preprocess, samples: int | None, seed: int, console: Console = SILENT, *,
+                labels_file: str | None = None, class_index: str | None = None) -> Data:
+    """The user's images (sampled to `samples`, seeded), or DEFAULT_SAMPLES crops of the embedded set; listed, not
+    decoded: a folder is decoded batch by batch while it is validated, and a .npy is memory-mapped."""
+    if data is None:
+        if labels_file or class_index:
+            raise UsageError("--labels and --class-index describe --data; pass --data too.")
+        images = default_images(samples or DEFAULT_SAMPLES, pp, seed=seed)
+        return Data(ArraySource(images.images), images.names, user_data=False, describe=lambda n: images.source,
+                    identity=images.source)
+    path = Path(data)
+    if path.suffix.lower() == ".npy":
+        if labels_file or class_index:
+            raise UsageError(f"--labels and --class-index apply to image folders and lists, not to the array {path}.")
+        arr = read_array(path, pp, mmap=True)
+        rows = sample_rows(len(arr), samples, seed)
+        st = path.stat()
+        return Data(ArraySource(arr, rows), [f"{path.name}[{i}]" for i in rows],
+                    describe=lambda n: f"array {path} ({len(rows)} of {len(arr)} rows)",
+                    identity=_digest([str(path.resolve()), st.st_size, st.st_mtime_ns, rows]))
+    listed = list_images(path, limit=samples, seed=seed, labels_file=labels_file, class_index=class_index)
+    if not listed.files:
+        raise DeployError(f"no readable images in {path}; expected jpg, png, webp or bmp files.")
+    labels = np.asarray(listed.labels, np.int64) if listed.labels is not None else None
+    names = [str(f) for f in listed.files]
+    return Data(file_source(listed.files, pp), names, labels, listed.class_names, describe=listed.describe,
+                where=str(path), identity=_digest([names, listed.labels]))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(repr(obj).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- measurement
 
 
-def read_images(data: str | None, pp: Preprocess, samples: int | None, seed: int, console: Console) -> ImageSet:
-    """The user's images (sampled to `samples`, seeded), or DEFAULT_SAMPLES crops of the embedded set."""
-    if data is None:
-        return default_images(samples or DEFAULT_SAMPLES, pp, seed=seed)
-    show = console.shows_progress and Path(data).suffix.lower() != ".npy"
-    track = (lambda items: console.track(items, "reading images", "img")) if show else None
-    return load_images(data, pp, limit=samples, seed=seed, progress=track)
+@dataclass
+class StreamOptions:
+    """How a validation runs (none of it changes a figure): decoding workers, a cluster, resume, the logits."""
+
+    workers: int = 0  # decoding processes; 0 decodes in this process
+    cluster: str | None = None  # local:N or tcp://HOST:PORT
+    resume: bool = False
+    save_logits: Path | None = None
+    state_dir: Path | None = None  # where the state and the logits live while running; None: a temporary folder
+    allow_pickle: bool = False
 
 
-def measure_row(key: str, backend: str, precision: str, eager: np.ndarray, logits: np.ndarray,
-                labels: np.ndarray | None, seed: int, reference: bool = False) -> dict[str, Any]:
+@dataclass
+class Measured:
+    sums: RunSums
+    store: LogitStore
+    throughput: dict[str, Any] = field(default_factory=dict)
+
+
+def needed_pairs(opened: Sequence[Opened], reference_onnx: str) -> list[tuple[str, str]]:
+    """Every (reference, candidate) the report compares: each runner against eager, and the decomposition's steps."""
+    pairs = [(opened[0].key, o.key) for o in opened]
+    decompose(lambda r, c: pairs.append((r, c)) or {}, {o.key for o in opened}, opened[1:], reference_onnx)
+    return list(dict.fromkeys(pairs))
+
+
+def measure_stream(export: ExportHandle, runners: Sequence[Opened], data: Data, pairs: Sequence[tuple[str, str]],
+                   batch_size: int, threads: int | None, stream: StreamOptions, console: Console) -> Measured:
+    """Run every batch through every runner (here, or on a cluster), keeping only sums and logits on disk."""
+    n, classes = len(data), export.manifest.num_classes
+    batches = -(-n // batch_size)
+    keys = [o.key for o in runners]
+    fp = fingerprint({"manifest": _file_digest(export.folder / "manifest.json"), "rows": data.identity,
+                      "keys": keys, "batch_size": batch_size, "threads": threads, "labelled": data.labels is not None})
+    temporary = stream.state_dir is None
+    state_dir = Path(tempfile.mkdtemp(prefix="validate-")) if temporary else stream.state_dir
+    state = _start_state(state_dir, fp, batches, stream.resume, console)
+    store = LogitStore(state_dir / "logits", keys, n, classes, create=not state.done)
+    todo = [i for i in range(batches) if i not in state.done]
+    measurer = Measurer({o.key: o.runner for o in runners}, keys[0], export.model, pairs, classes)
+    start = last_save = time.perf_counter()
+    session = RunSums()
+    try:
+        results = _results(measurer, export, runners, data, batch_size, threads, todo, stream, pairs)
+        for res in console.track(results, "validate", "batch", total=len(todo)):
+            for k, v in res.logits.items():
+                store.write(k, res.first * batch_size, v)
+            state.sums.merge(res.sums)
+            session.merge(res.sums)
+            state.done.update(range(res.first, res.first + res.count))
+            if not temporary and time.perf_counter() - last_save > CHECKPOINT_S:
+                state.elapsed_s += time.perf_counter() - last_save
+                last_save = time.perf_counter()
+                state.save()
+    except BaseException:
+        store.close()
+        if temporary:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        else:
+            state.elapsed_s += time.perf_counter() - last_save
+            state.save()
+            console(f"validation interrupted after {len(state.done)} of {batches} batches; its state is in "
+                    f"{state_dir}: run the same command with --resume to continue.")
+        raise
+    wall = time.perf_counter() - start
+    if not temporary:
+        state.elapsed_s += time.perf_counter() - last_save
+        state.save()
+    return Measured(state.sums, store, _throughput(session, wall, len(todo), batch_size, n, stream))
+
+
+def _start_state(folder: Path, fp: str, batches: int, resume: bool, console: Console) -> RunState:
+    found = RunState.load(folder) if (folder / "state.json").exists() else None
+    if resume and found is not None and found.fingerprint == fp and found.batches == batches:
+        console(f"resuming: {len(found.done)} of {batches} batches were done")
+        return found
+    if resume and found is not None:
+        raise UsageError(f"the interrupted validation in {folder} was of other inputs (export, images, backends, "
+                         f"--batch-size or --threads differ); run the same command as before with --resume, or "
+                         f"without --resume to start over.")
+    if resume:
+        console(f"note: nothing to resume in {folder}; starting from the first batch")
+    elif found is not None:
+        console(f"note: starting over; the interrupted validation in {folder} is discarded (--resume continues one)")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return RunState(folder, fp, batches)
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+
+
+def _results(measurer: Measurer, export: ExportHandle, runners: Sequence[Opened], data: Data, batch_size: int,
+             threads: int | None, todo: list[int], stream: StreamOptions,
+             pairs: Sequence[tuple[str, str]]) -> Iterator[ShardResult]:
+    if stream.cluster is None:
+        return measurer.results(data.source, data.labels, batch_size, todo, stream.workers)
+    from .cluster import Plan, cluster_results
+
+    plan = Plan(str(export.folder), [o.key for o in runners[1:]], threads, stream.allow_pickle, list(pairs),
+                export.manifest.num_classes)
+    return cluster_results(stream.cluster, plan, data.source, data.labels, batch_size, todo)
+
+
+def _throughput(sums: RunSums, wall: float, batches: int, batch_size: int, rows: int,
+                stream: StreamOptions) -> dict[str, Any]:
+    """images/s of each runner (its own compute time) and of the whole run, and how much of it was decoding."""
+    images = sums.images + sums.unreadable
+    compute = sum(sums.seconds.values())
+    return {
+        "images": images, "batches": batches, "wall_s": wall,
+        "images_per_s": images / wall if wall > 0 else None,
+        "runners_images_per_s": {k: images / s if s > 0 else None for k, s in sums.seconds.items()},
+        "decode_s": sums.decode_s, "wait_for_decode_s": sums.wait_s,
+        "decode_share": sums.decode_s / (sums.decode_s + compute) if sums.decode_s + compute > 0 else None,
+        "workers": stream.workers, "cluster": stream.cluster,
+    }
+
+
+def measure_row(o: Opened, eager_key: str, m: Measured, labelled: bool, seed: int) -> dict[str, Any]:
     """Plain numbers for one runner against eager: drift, and with labels accuracy and paired tests."""
-    row: dict[str, Any] = {"key": key, "backend": backend, "precision": precision}
-    row.update(Drift.between(eager, logits).to_dict())
+    sums, key = m.sums, o.key
+    row: dict[str, Any] = {"key": key, "backend": o.backend, "precision": o.precision}
+    row.update(Drift.from_sums(sums.drift[pair_name(eager_key, key)], m.store.pairs(eager_key, key)).to_dict())
     row["top1"] = row["top5"] = row["paired"] = None
-    if labels is not None:
-        top1, top5 = topk_correct(logits, labels, 1), topk_correct(logits, labels, 5)
-        row["top1"], row["top5"] = float(top1.mean()), float(top5.mean())
-        if not reference:
-            e1, e5 = topk_correct(eager, labels, 1), topk_correct(eager, labels, 5)
-            row["paired"] = {"top1": PairedComparison.of(e1, top1, seed=seed).to_dict(),
-                             "top5": PairedComparison.of(e5, top5, seed=seed).to_dict()}
+    if labelled:
+        n = sums.images
+        row["top1"], row["top5"] = sums.top1[key] / n, sums.top5[key] / n
+        row["per_class_top1"] = sums.class_top1[key]
+        if key != eager_key:
+            b1, c1, b5, c5 = sums.paired[key]
+            row["paired"] = {
+                "top1": PairedComparison.of_counts(n, sums.top1[eager_key], sums.top1[key], b1, c1, seed=seed).to_dict(),
+                "top5": PairedComparison.of_counts(n, sums.top5[eager_key], sums.top5[key], b5, c5, seed=seed).to_dict()}
     return row
 
 
-def _step(reference: str, candidate: str, logits: dict[str, np.ndarray]) -> dict[str, Any]:
-    drift = Drift.between(logits[reference], logits[candidate])
-    return {"reference": reference, "candidate": candidate, **drift.to_dict()}
-
-
-def decompose(logits: dict[str, np.ndarray], opened: Sequence[Opened], reference_onnx: str) -> dict[str, Any]:
+def decompose(step: Callable[[str, str], dict[str, Any]], ran: set[str], opened: Sequence[Opened],
+              reference_onnx: str) -> dict[str, Any]:
     """Split the drift into steps: export (ONNX FP32 vs eager), runtime (each backend's FP32 vs ONNX FP32),
     reduced precision (FP16/BF16 vs the same backend's FP32) and quantization (INT8 vs the same backend's FP32).
 
-    Each step is a distance between two sets of logits; the steps do not add up to the end-to-end drift.
+    Each step is a distance between two sets of logits (`step(reference, candidate)`, of the keys that `ran`); the
+    steps do not add up to the end-to-end drift.
     """
     out: dict[str, Any] = {"export": [], "runtime": [], "reduced_precision": [], "quantization": [], "notes": []}
-    has_onnx = reference_onnx in logits
+    has_onnx = reference_onnx in ran
     if has_onnx:
-        out["export"].append(_step(EAGER.name, reference_onnx, logits))
+        out["export"].append(step(EAGER.name, reference_onnx))
     else:
         out["notes"].append(f"export and runtime drift need the reference ONNX ({reference_onnx}), which did not run")
     for o in opened:
         same_backend_fp32 = f"{o.backend}/fp32"
         if o.precision == "fp32" and o.key != reference_onnx and has_onnx:
-            out["runtime"].append(_step(reference_onnx, o.key, logits))
+            out["runtime"].append(step(reference_onnx, o.key))
         elif o.precision in REDUCED_PRECISIONS or o.precision == "int8":
-            step = "quantization" if o.precision == "int8" else "reduced_precision"
-            if same_backend_fp32 in logits:
-                out[step].append(_step(same_backend_fp32, o.key, logits))
+            kind = "quantization" if o.precision == "int8" else "reduced_precision"
+            if same_backend_fp32 in ran:
+                out[kind].append(step(same_backend_fp32, o.key))
             else:
-                out["notes"].append(f"{step.replace('_', ' ')} drift of {o.key} needs {same_backend_fp32}, "
+                out["notes"].append(f"{kind.replace('_', ' ')} drift of {o.key} needs {same_backend_fp32}, "
                                     f"which did not run")
     return out
 
@@ -227,6 +396,12 @@ class ValidateRequest:
     batch_size: int = 16
     seed: int = 0  # image sampling and the bootstrap
     allow_pickle: bool = False
+    labels: str | None = None  # ground truth of a flat folder (Kaggle CSV or val.txt)
+    class_index: str | None = None  # synset -> index
+    workers: int | None = None  # decoding processes (None: the usable cores)
+    cluster: str | None = None
+    resume: bool = False
+    save_logits: str | None = None
 
 
 @dataclass
@@ -240,89 +415,146 @@ class Validation:
 
 
 def run_validation(req: ValidateRequest, console: Console = SILENT) -> Validation:
-    """`deploy validate DIR`: open the export from disk, read the images, and validate every selected row."""
+    """`deploy validate DIR`: open the export from disk, list the images, and stream them through every row."""
+    from runtimes.cpu import usable_cpus
+
     manifest = Manifest.load(req.folder)
     rows = select_rows(manifest, req.backends)
     gates = Gates(req.max_top1_drop, req.min_agreement)
-    images = read_images(req.data, Preprocess.from_dict(manifest.preprocess), req.samples, req.seed, console)
+    save = Path(req.save_logits) if req.save_logits else None
+    if save is not None:
+        check_save_dir(save)
+    images = read_images(req.data, Preprocess.from_dict(manifest.preprocess), req.samples, req.seed, console,
+                         labels_file=req.labels, class_index=req.class_index)
     _require_labels(images, gates)  # before the model is rebuilt
     require_export_memory(manifest, min(req.batch_size, len(images)), f"deploy validate --batch-size {req.batch_size}")
+    if req.cluster is not None:
+        from .cluster import require_dask
+
+        require_dask()
     export = open_export(req.folder, manifest=manifest, allow_pickle=req.allow_pickle, console=console)
+    workers = usable_cpus() if req.workers is None else req.workers
+    stream = StreamOptions(workers=workers if isinstance(images.source, FileSource) else 0, cluster=req.cluster,
+                           resume=req.resume, save_logits=save, state_dir=Path(req.folder) / VALIDATION_STATE,
+                           allow_pickle=req.allow_pickle)
     return validate_export(export, rows, images, gates, console, threads=req.threads, batch_size=req.batch_size,
-                           seed=req.seed)
+                           seed=req.seed, stream=stream)
 
 
-def validate_export(export: ExportHandle, rows: Sequence[Artifact], images: ImageSet, gates: Gates, console: Console,
-                    *, threads: int | None = None, batch_size: int = 16, seed: int = 0) -> Validation:
+def validate_export(export: ExportHandle, rows: Sequence[Artifact], images: Data, gates: Gates, console: Console,
+                    *, threads: int | None = None, batch_size: int = 16, seed: int = 0,
+                    stream: StreamOptions | None = None) -> Validation:
     """Measure eager and every row on the same images, judge, and write validation.json and validation.md into the
     export's folder; the caller picks the exit code."""
+    stream = stream or StreamOptions()
     manifest = export.manifest
     labels = _checked_labels(images, manifest.num_classes, gates, console)
     if not images.user_data:
-        console(f"note: validating on the {images.source}; these images have no labels, so accuracy is not "
-                f"measured, only agreement with eager. Pass --data DIR (class subfolders) for accuracy.")
+        console(f"note: validating on the {images.describe(len(images))}; these images have no labels, so accuracy "
+                f"is not measured, only agreement with eager. Pass --data DIR (class subfolders) for accuracy.")
     elif labels is None:
-        console(f"note: {images.source} has no labels, so accuracy is not measured, only agreement with eager.")
-    if images.skipped:
-        console(f"note: skipped {len(images.skipped)} unreadable image(s), e.g. {images.skipped[0]}")
+        console(f"note: {images.describe(len(images))} has no labels, so accuracy is not measured, only agreement "
+                f"with eager.")
+    for name in VALIDATION:  # the report of an earlier run must not pass for this one's if it is interrupted
+        (export.folder / name).unlink(missing_ok=True)
 
     options = RunnerOptions(threads=threads)
     eager = export.eager_runner(options)
     opened, skipped = open_rows(export.folder, rows, options, console)
+    runners = [eager, *opened]
     try:
         if not opened and rows:
             raise nothing_runs_error(rows, skipped)
-        x = images.images
-        console(f"validate: {len(x)} images through eager and {len(opened)} artifact(s)")
-        runners = {o.key: o.runner for o in (eager, *opened)}
-        logits = run_all(runners, x, batch_size, track=lambda s: console.track(s, "validate", "batch"))
-        floor = fp32_noise_floor(export.model, x, logits[eager.key], batch_size)
+        where = f" on {stream.cluster}" if stream.cluster else f", {stream.workers} decoding worker(s)" \
+            if stream.workers else ""
+        console(f"validate: {len(images)} images through eager and {len(opened)} artifact(s){where}")
+        m = measure_stream(export, runners, images, needed_pairs(runners, manifest.reference().key), batch_size,
+                           threads, stream, console)
     finally:
-        close_all([eager, *opened])
+        close_all(runners)
+    try:
+        validation = _report(export, runners, skipped, images, labels, m, gates, console, threads, batch_size, seed)
+        if stream.save_logits is not None:
+            m.store.publish(stream.save_logits, images.names, labels, m.store.ok_rows())
+            console(f"wrote the logits of {len(runners)} runner(s) and files.txt to {stream.save_logits}")
+    finally:
+        m.store.close()
+        shutil.rmtree(m.store.folder.parent, ignore_errors=True)  # the state folder: the run is complete
+    return validation
 
-    measured = [measure_row(o.key, o.backend, o.precision, logits[eager.key], logits[o.key], labels, seed,
-                            reference=o is eager) for o in (eager, *opened)]
-    for row, o in zip(measured, [eager, *opened]):
+
+def _report(export: ExportHandle, runners: Sequence[Opened], skipped: list[dict[str, str]], images: Data,
+            labels: np.ndarray | None, m: Measured, gates: Gates, console: Console, threads: int | None,
+            batch_size: int, seed: int) -> Validation:
+    manifest, sums = export.manifest, m.sums
+    eager, opened = runners[0], runners[1:]
+    if not sums.images:
+        detail = f" ({sums.unreadable} unreadable)" if sums.unreadable else ""
+        raise DeployError(f"no readable images in {images.where}{detail}; expected jpg, png, webp or bmp files.")
+    if sums.unreadable:
+        console(f"note: skipped {sums.unreadable} unreadable image(s), e.g. {sums.errors[0]}")
+    measured = [measure_row(o, eager.key, m, labels is not None, seed) for o in runners]
+    for row, o in zip(measured, runners):
         row["runner"] = o.runner.name
         row["path"] = o.artifact.path if o.artifact else None
         row["scheme"] = o.artifact.scheme if o.artifact else None
         row["target"] = o.artifact.target if o.artifact else None
 
     report = Report(title=f"{manifest.variant} validation")
+    floor = sums.noise_floor
     eager_row = measured[0]
     eager_row.update(role="reference", noise_floor=floor, failures=[], passed=True)
     for row in measured[1:]:
         judge_row(row, eager_row["top1"], floor, gates, report)
+
+    def step(reference: str, candidate: str) -> dict[str, Any]:
+        drift = Drift.from_sums(sums.drift[pair_name(reference, candidate)], m.store.pairs(reference, candidate))
+        return {"reference": reference, "candidate": candidate, **drift.to_dict()}
+
     report.section("export", {"folder": str(export.shown_as), "variant": manifest.variant,
                               "input_size": manifest.input_size, "num_classes": manifest.num_classes,
                               "checkpoint_sha256": manifest.checkpoint_sha256})
-    report.section("data", {"source": images.source, "samples": len(images), "labelled": labels is not None,
-                            "user_data": images.user_data, "class_names": images.class_names,
-                            "skipped_images": len(images.skipped), "seed": seed})
+    data = {"source": images.describe(sums.images), "samples": sums.images, "labelled": labels is not None,
+            "user_data": images.user_data, "class_names": images.class_names, "skipped_images": sums.unreadable,
+            "seed": seed}
+    if labels is not None:
+        data["class_counts"] = sums.class_totals
+    report.section("data", data)
     report.section("artifacts", measured)
-    report.section("decomposition", decompose(logits, opened, manifest.reference().key))
+    report.section("decomposition", decompose(step, {o.key for o in runners}, opened, manifest.reference().key))
     report.section("skipped", skipped)
     report.section("not_exported", manifest.skipped)
     report.section("settings", {"gates": gates.to_dict(), "tolerances": {p: t.to_dict() for p, t in TOLERANCES.items()},
-                                "noise_floor": floor, "threads": threads, "batch_size": batch_size,
+                                "noise_floor": floor, "noise_floor_images": min(len(images), _floor_rows(batch_size)),
+                                "threads": threads, "batch_size": batch_size,
                                 "bootstrap_resamples": BOOTSTRAP_RESAMPLES})
+    report.section("throughput", m.throughput)
     doc = report.to_document()
     markdown = validation_markdown(doc)
     atomic_write_json(export.folder / VALIDATION[0], doc, force=True)
     atomic_write_text(export.folder / VALIDATION[1], markdown, force=True)
     console(f"wrote {export.shown_as / VALIDATION[0]} and {export.shown_as / VALIDATION[1]}")
+    t = m.throughput
+    if t.get("images_per_s"):
+        console(f"validate: {t['images']} images in {t['wall_s']:.1f} s ({t['images_per_s']:.1f} images/s); "
+                + ", ".join(f"{k} {v:.0f} images/s" for k, v in t["runners_images_per_s"].items() if v))
     if report.failed:
         console(f"validation failed: {'; '.join(report.failures)}")
     return Validation(doc, markdown)
 
 
-def _require_labels(images: ImageSet, gates: Gates) -> None:
+def _floor_rows(batch_size: int) -> int:
+    """Rows of the batches the noise floor is measured on (those starting before NOISE_FLOOR_ROWS)."""
+    return -(-NOISE_FLOOR_ROWS // batch_size) * batch_size
+
+
+def _require_labels(images: Data, gates: Gates) -> None:
     if images.labels is None and gates.max_top1_drop is not None:
-        raise UsageError(f"--max-top1-drop needs labelled images, but the data ({images.source}) has none; pass "
-                         f"--data DIR with one subfolder per class, or a .txt list of 'path label' lines.")
+        raise UsageError(f"--max-top1-drop needs labelled images, but the data ({images.describe(len(images))}) has "
+                         f"none; pass --data DIR with one subfolder per class, or a .txt list of 'path label' lines.")
 
 
-def _checked_labels(images: ImageSet, num_classes: int, gates: Gates, console: Console) -> np.ndarray | None:
+def _checked_labels(images: Data, num_classes: int, gates: Gates, console: Console) -> np.ndarray | None:
     _require_labels(images, gates)
     labels = images.labels
     if labels is None:
@@ -415,7 +647,7 @@ def validation_markdown(doc: dict[str, Any]) -> str:
     lines += ["## Artifacts against eager", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     lines += ["", f"Eager fp32-vs-float64 noise floor: {doc['settings']['noise_floor']:.3g} "
-              f"(max abs logit difference).", ""]
+              f"(max abs logit difference, on the first {doc['settings'].get('noise_floor_images', '-')} images).", ""]
     notes = disagreement_notes(doc["artifacts"])
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += ["## Drift decomposition", "",
@@ -428,6 +660,14 @@ def validation_markdown(doc: dict[str, Any]) -> str:
                          f"{s['max_abs_logit_error']:.3g} | {s['mean_abs_logit_error']:.3g} | "
                          f"{s['cosine_similarity']:.6f} | {s['top1_agreement']:.4f} | {s['mean_kl']:.3g} |")
     lines += [f"- {n}" for n in doc["decomposition"]["notes"]]
+    t = doc.get("throughput") or {}
+    if t.get("images_per_s"):
+        lines += ["", "## Throughput", "",
+                  f"{t['images']} images in {t['wall_s']:.1f} s ({t['images_per_s']:.1f} images/s"
+                  + (f", on {t['cluster']}" if t.get("cluster") else f", {t['workers']} decoding worker(s)")
+                  + f"); decoding {t['decode_s']:.1f} s, {_pct(t['decode_share'])} of decoding plus runner time. "
+                  "Per runner (its own compute time): "
+                  + ", ".join(f"{k} {v:.0f} images/s" for k, v in t["runners_images_per_s"].items() if v) + "."]
     lines += ["", "## Gates", "", "| check | result | detail |", "|---|---|---|"]
     lines += [f"| {g['name']} | {'pass' if g['passed'] else 'FAIL'} | {'; '.join(g['failures']) or '-'} |"
               for g in doc["gates"]]

@@ -5,6 +5,7 @@ MANIFEST = "manifest.json"
 REFERENCE_ONNX = "model.onnx"  # reparameterized, simplified FP32 ONNX: the source of every other artifact
 REPORT = ("report.json", "report.md")
 VALIDATION = ("validation.json", "validation.md")
+VALIDATION_STATE = ".validation-state"  # a validation in progress: its state file and logits (deploy validate --resume)
 BENCH = ("bench.json", "bench.md", "bench.png")
 
 ORT_INT8 = "model.int8.onnx"

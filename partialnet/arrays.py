@@ -13,6 +13,7 @@ import numpy as np
 from .errors import UsageError
 
 NPY_MAGIC = b"\x93NUMPY"
+_ROWS = 256  # rows checked at a time
 
 
 def nonfinite_rows(arr: np.ndarray) -> np.ndarray:
@@ -22,8 +23,9 @@ def nonfinite_rows(arr: np.ndarray) -> np.ndarray:
         return np.zeros(0, np.int64)
     if a.ndim == 0:
         return np.zeros(0, np.int64) if np.isfinite(a) else np.zeros(1, np.int64)
-    bad = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
-    return np.flatnonzero(bad)
+    found = [i + np.flatnonzero(~np.isfinite(a[i : i + _ROWS].reshape(len(a[i : i + _ROWS]), -1)).all(axis=1))
+             for i in range(0, len(a), _ROWS)]  # in chunks: a memory-mapped array is never read whole
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
 def describe_rows(rows: np.ndarray, total: int, limit: int = 5) -> str:
@@ -37,7 +39,10 @@ def count_nonfinite(arr: np.ndarray) -> tuple[int, int]:
     a = np.asarray(arr)
     if not np.issubdtype(a.dtype, np.inexact):
         return 0, 0
-    return int(np.isnan(a).sum()), int(np.isinf(a).sum())
+    if a.ndim == 0:
+        return int(np.isnan(a)), int(np.isinf(a))
+    chunks = [a[i : i + _ROWS] for i in range(0, len(a), _ROWS)]
+    return sum(int(np.isnan(c).sum()) for c in chunks), sum(int(np.isinf(c).sum()) for c in chunks)
 
 
 def require_finite(arr: np.ndarray, what: str, fix: str) -> None:
@@ -72,11 +77,11 @@ def _what_it_looks_like(head: bytes) -> str:
     return f"it looks like {kind}" if kind else f"it starts with {head[:8]!r}"
 
 
-def read_npy(path: str | Path, what: str) -> np.ndarray:
+def read_npy(path: str | Path, what: str, *, mmap: bool = False) -> np.ndarray:
     """One array from a .npy file, read without unpickling; every way it can be wrong is one UsageError.
 
     `what` names the argument in messages ("--inputs x.npy"). Refuses a file that is not .npy, an object array
-    (pickled Python objects), a truncated file and an array with no rows.
+    (pickled Python objects), a truncated file and an array with no rows. With `mmap` the data stays on disk.
     """
     path = Path(path)
     if not path.is_file():
@@ -99,7 +104,7 @@ def read_npy(path: str | Path, what: str) -> np.ndarray:
         raise UsageError(f"{what} holds Python objects (dtype {dtype}), which would have to be unpickled to read; "
                          f"save a plain float32 NCHW array with np.save.")
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as e:
         expected = int(np.prod(shape)) * dtype.itemsize
         raise UsageError(f"{what} is truncated or damaged: its header says {dtype} {list(shape)} ({expected} bytes of "

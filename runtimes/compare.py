@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from .base import INPUT_NAME, OUTPUT_NAME, Runner
+from .sums import DriftSums, PairChunks, drift_tail
 
 
 def run_all(runners: Mapping[str, Runner], x: np.ndarray, batch_size: int,
@@ -33,12 +34,6 @@ def run_all(runners: Mapping[str, Runner], x: np.ndarray, batch_size: int,
 # A ranking gate counts a changed top-1 only where the eager margin exceeds this many standard deviations of the
 # difference of two logit errors (sqrt(2) x the artifact's logit noise): below it, a flip is a near-tie.
 DECIDED_SIGMAS = 3.0
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 @dataclass(frozen=True)
@@ -71,66 +66,15 @@ class Drift:
 
     @classmethod
     def between(cls, reference: np.ndarray, candidate: np.ndarray) -> "Drift":
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # NaN/Inf rows are counted, not warned
-            return cls._between(reference, candidate)
+        """The drift of `candidate` from `reference` (rows are images): the running sums of one batch, finished."""
+        sums = DriftSums.of(reference, candidate)
+        return cls.from_sums(sums, lambda: iter([(reference, candidate)]))
 
     @classmethod
-    def _between(cls, reference: np.ndarray, candidate: np.ndarray) -> "Drift":
-        if reference.shape != candidate.shape:
-            raise ValueError(f"logit shapes differ: reference {reference.shape}, candidate {candidate.shape}")
-        ref = reference.astype(np.float64)
-        cand = candidate.astype(np.float64)
-        bad_ref = ~np.isfinite(ref).all(axis=1)
-        bad_cand = ~np.isfinite(cand).all(axis=1)
-        bad = bad_ref | bad_cand
-        nan = float("nan")
-        diff = np.abs(ref - cand)
-        num = (ref * cand).sum(axis=1)
-        den = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-        cos = np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
-        k = min(5, ref.shape[1])
-        top_r = np.argsort(-ref, axis=1, kind="stable")[:, :k]
-        top_c = np.argsort(-cand, axis=1, kind="stable")[:, :k]
-        overlap = np.array([len(set(a) & set(b)) / k for a, b in zip(top_r.tolist(), top_c.tolist())])
-        overlap[bad] = 0.0
-        flipped = (top_r[:, 0] != top_c[:, 0]) | bad
-        if ref.shape[1] > 1:
-            two = np.sort(ref, axis=1)[:, -2:]
-            margins = two[:, 1] - two[:, 0]
-        else:
-            margins = np.zeros(ref.shape[0])
-        lp_r, lp_c = _log_softmax(ref), _log_softmax(cand)
-        kl = (np.exp(lp_r) * (lp_r - lp_c)).sum(axis=1)
-        good = ~bad
-        err = (cand[good] - ref[good]).ravel()
-        # Robust spread (1.4826 x the median absolute deviation, the std for Gaussian noise): a few real flips, with
-        # their large errors, must not raise the bar that decides which images count. When most errors are exactly
-        # zero (an artifact exact but for a few logits) that spread is 0, and the plain std is the noise.
-        noise = float(1.4826 * np.median(np.abs(err - np.median(err)))) if good.any() else nan
-        if noise == 0.0:
-            noise = float(np.std(err))
-        decided_margin = DECIDED_SIGMAS * np.sqrt(2.0) * noise
-        decided = good & (margins > decided_margin) if good.any() else good
-        any_bad = bool(bad.any())
-        finite_margins = margins[~bad_ref]
-        return cls(
-            samples=int(ref.shape[0]),
-            max_abs_logit_error=nan if any_bad else float(diff.max()),
-            mean_abs_logit_error=nan if any_bad else float(diff.mean()),
-            max_ref_logit=nan if bad_ref.any() else float(np.abs(ref).max()),
-            cosine_similarity=nan if any_bad else float(cos.mean()),
-            top1_agreement=float(1.0 - flipped.mean()),
-            top5_overlap=float(overlap.mean()),
-            mean_kl=nan if any_bad else float(max(kl.mean(), 0.0)),
-            ref_margin_median=float(np.median(finite_margins)) if len(finite_margins) else nan,
-            flipped_margin_max=float(margins[flipped & ~bad].max()) if (flipped & ~bad).any() else 0.0,
-            nonfinite_rows=int(bad_cand.sum()),
-            reference_nonfinite_rows=int(bad_ref.sum()),
-            logit_noise=noise,
-            decided_margin=float(decided_margin),
-            decided_samples=int(decided.sum()),
-            decided_top1_agreement=float(1.0 - flipped[decided].mean()) if decided.any() else 1.0,
-        )
+    def from_sums(cls, sums: DriftSums, pairs: PairChunks) -> "Drift":
+        """The drift that running sums add up to; `pairs()` yields the same rows again, in chunks, for the medians."""
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # NaN/Inf rows are counted, not warned
+            return cls(**sums.figures(), **drift_tail(pairs, DECIDED_SIGMAS))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -44,15 +44,24 @@ class EagerRunner:
         self.model = None  # type: ignore[assignment]
 
 
-def fp32_noise_floor(model: torch.nn.Module, x: np.ndarray, fp32_logits: np.ndarray, batch_size: int = 16) -> float:
-    """Max |logit| difference between the model in fp32 (`fp32_logits` on x) and in float64: its own rounding error.
+class NoiseFloor:
+    """Max |logit| difference between the model in fp32 and in float64 on the same images: its own rounding error.
 
-    Any reordering of the arithmetic, exact in real numbers, moves the logits by about this much.
+    Any reordering of the arithmetic, exact in real numbers, moves the logits by about this much. The float64 copy
+    is made once; `of` measures one batch (the floor of a set is the max over its batches).
     """
-    m64 = copy.deepcopy(model).double()
-    worst = 0.0
-    with torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            ref64 = m64(torch.from_numpy(x[i : i + batch_size]).double()).numpy()
-            worst = max(worst, float(np.abs(fp32_logits[i : i + batch_size].astype(np.float64) - ref64).max()))
-    return worst
+
+    def __init__(self, model: torch.nn.Module):
+        self.m64 = copy.deepcopy(model).double().eval()
+
+    def of(self, x: np.ndarray, fp32_logits: np.ndarray) -> float:
+        with torch.inference_mode():
+            ref64 = self.m64(torch.from_numpy(np.ascontiguousarray(x)).double()).numpy()
+        return float(np.abs(fp32_logits.astype(np.float64) - ref64).max())
+
+
+def fp32_noise_floor(model: torch.nn.Module, x: np.ndarray, fp32_logits: np.ndarray, batch_size: int = 16) -> float:
+    """NoiseFloor over the batches of `x` at once."""
+    floor = NoiseFloor(model)
+    return max((floor.of(x[i : i + batch_size], fp32_logits[i : i + batch_size]) for i in range(0, len(x), batch_size)),
+               default=0.0)

@@ -1,8 +1,25 @@
 """Test helpers shared by several test files."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Sequence
+
 import torch
 from torch import nn
+
+
+def noise_class_folders(root: Path, names: Sequence[str], per_class: int, seed: int,
+                        shape: tuple[int, int] = (72, 90)) -> Path:
+    """One subfolder per name holding `per_class` noise PNGs (0.png, 1.png, ...), seeded: a labelled image folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in names:
+        (root / name).mkdir()
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:

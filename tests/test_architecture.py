@@ -22,7 +22,7 @@ ALLOWED = {
     "deploy": {"partialnet", "runtimes", "export", "calibration"},
 }
 BACKEND_NAMES = ("eager", "onnxruntime", "openvino", "tensorrt")
-HEAVY = ("torch", "onnx", "onnxruntime", "openvino", "nncf", "onnxsim", "tensorrt")
+HEAVY = ("torch", "onnx", "onnxruntime", "openvino", "nncf", "onnxsim", "tensorrt", "dask", "distributed")
 
 
 def module_name(path: Path) -> str:

@@ -140,3 +140,22 @@ def test_a_cache_without_a_current_marker_is_not_taken_as_complete(digits, tmp_p
     (folder / MARKER).write_text(json.dumps(record), encoding="utf-8")
     assert cached_fixture(tmp_path) == DigitsFixture(**{**vars(digits), "checkpoint": folder / "digits.ckpt",
                                                        "train_dir": folder / "train", "test_dir": folder / "test"})
+
+
+def test_streamed_validation_of_copies_reproduces_the_recorded_top1(digits, tmp_path, capsys):
+    """The issue-13 check, small: every test image twice, through the decoding pool in batches, eager top-1 exact."""
+    copies = tmp_path / "copies"
+    for png in sorted(digits.test_dir.rglob("*.png")):
+        (copies / png.parent.name).mkdir(parents=True, exist_ok=True)
+        for j in range(2):
+            shutil.copyfile(png, copies / png.parent.name / f"{png.stem}_{j}.png")
+    out = tmp_path / "export"
+    assert main(["export", digits.variant, "-c", str(digits.checkpoint), "--input-size", str(digits.input_size),
+                 "--backends", "onnxruntime", "--output", str(out), "-q", "--no-validate", "--no-bench"]) == 0
+    capsys.readouterr()
+    rc = main(["validate", str(out), "--data", str(copies), "--json", "-q", "--workers", "2"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["data"]["samples"] == 2 * digits.num_test
+    eager = doc["artifacts"][0]
+    assert eager["key"] == "eager" and eager["top1"] == digits.eager_top1
+    assert sum(eager["per_class_top1"]) == round(2 * digits.num_test * digits.eager_top1)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from deploy.cli import main
 from deploy.validate import PairedComparison, mcnemar_exact, paired_bootstrap_ci
+from helpers import noise_class_folders
 
 DATA = Path(__file__).parents[1] / "data" / "official"
 TINY = DATA / "tiny_gelu_sp.ckpt"
@@ -27,13 +26,7 @@ def folder(tiny_export) -> Path:
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> Path:
     """Three class subfolders of noise PNGs; class names sort as ants < bees < cats, so labels are 0, 1, 2."""
-    root = tmp_path_factory.mktemp("labelled")
-    rng = np.random.default_rng(0)
-    for name in ("cats", "ants", "bees"):
-        (root / name).mkdir()
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (72, 90, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
+    return noise_class_folders(tmp_path_factory.mktemp("labelled"), ("cats", "ants", "bees"), 4, seed=0)
 
 
 def validate(capsys, folder, *extra) -> tuple[int, dict, str]:
