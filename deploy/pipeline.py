@@ -239,9 +239,14 @@ def write_reference(req: ExportRequest, original: torch.nn.Module, ctx: BuildCon
                           f"or --exporter.") from e
     graph: dict[str, Any] = {"exporter": req.exporter, "opset": req.opset, "exported": GraphStats.of(proto).__dict__}
     if req.reparam:
-        with tempfile.TemporaryDirectory() as tmp:
-            plain = export_onnx(original, Path(tmp) / "plain.onnx", size, opset=req.opset, exporter=req.exporter)
-        graph["without_reparam"] = GraphStats.of(_simplified_or_same(plain)).__dict__
+        # Statistics only: a user's training-form model may not export as it is (shape reads that the graph
+        # passes make constant), and that is no reason to stop.
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                plain = export_onnx(original, Path(tmp) / "plain.onnx", size, opset=req.opset, exporter=req.exporter)
+            graph["without_reparam"] = GraphStats.of(_simplified_or_same(plain)).__dict__
+        except ExportError as e:
+            graph["without_reparam"] = {"error": str(e)}
 
     final_path = ctx.onnx
     if req.simplify:

@@ -399,12 +399,50 @@ class _Folder:
         return True
 
 
+def _size_index(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """(tensor, dim) when the node reads one dimension of a tensor's shape: x.size(d), x.size()[d], x.shape[d]."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
+        return node.args[0], node.args[1]  # type: ignore[return-value]
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
+        src = node.args[0]
+        if isinstance(src, fx.Node) and ((src.op == "call_method" and src.target == "size" and len(src.args) == 1)
+                                         or (src.op == "call_function" and src.target is getattr
+                                             and src.args[1] == "shape")):
+            return src.args[0], node.args[1]  # type: ignore[return-value]
+    return None
+
+
+def specialize_sizes(gm: fx.GraphModule) -> int:
+    """Every shape read but the batch's becomes a constant: the export is for one resolution, and ONNX wants
+    constant pooling sizes and split lengths (coordinate attention's `adaptive_avg_pool2d(x, (h, 1))`)."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        found = _size_index(node)
+        if found is None or not isinstance(found[0], fx.Node) or _rank(found[0]) is None:
+            continue
+        tensor, dim = found
+        shape = tensor.meta["tensor_meta"].shape
+        dim = dim % len(shape)
+        if dim == 0:
+            continue  # the batch stays dynamic
+        value = int(shape[dim])
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
+        gm.graph.erase_node(node)
+        done += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return done
+
+
 def fold_model(model: nn.Module, input_size: int) -> tuple[fx.GraphModule, FoldSummary]:
     """A folded, eval-mode graph copy of `model` for `input_size` px, and what was folded; `model` is untouched."""
     original = model
     model = copy.deepcopy(model).eval()
     gm = trace(model)
     ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size, dtype=_dtype(model)))
+    specialize_sizes(gm)
     folder = _Folder(gm)
     with torch.no_grad():
         bns, removed = folder.lower()

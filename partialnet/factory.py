@@ -26,6 +26,7 @@ from .variants import IMAGENET, Preprocess
 from .zoo_table import ZOO
 
 DEFAULT_INPUT_SIZE = 224
+_USER_FILES: dict[str, str] = {}  # module name -> path of every user file loaded in this process
 
 
 @dataclass(frozen=True)
@@ -73,15 +74,43 @@ def _import_file(path: Path) -> Any:
         raise UsageError(f"{path} cannot be imported as Python; pass a .py file.")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look a module up by name while it runs
+    _USER_FILES[name] = str(path)
     sys.path.insert(0, str(path.parent))
     try:
         spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[name]
+        del _USER_FILES[name]
         raise UsageError(f"running {path} failed: {_first_line(e)}; fix the file (it runs as plain Python).") from e
     finally:
         sys.path.remove(str(path.parent))
     return module
+
+
+def _restore(files: dict[str, str], payload: bytes) -> Any:
+    import pickle
+
+    for path in files.values():
+        _import_file(Path(path))  # the same path gives the same module name, so the classes resolve
+    return pickle.loads(payload)
+
+
+class Portable:
+    """A model that unpickles in a fresh process (a spawned worker) although its classes live in a user's file:
+    the files are imported there first, then the model is unpickled."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __reduce__(self):
+        import pickle
+
+        return _restore, (dict(_USER_FILES), pickle.dumps(self.model))
+
+
+def portable(model: nn.Module) -> Any:
+    """What to send to another process instead of `model` (it arrives as the model itself)."""
+    return Portable(model) if _USER_FILES else model
 
 
 def load_factory(ref: FactoryRef) -> Callable[..., Any]:
