@@ -56,10 +56,10 @@ def _console(args) -> Console:
 
 
 def cmd_list(args) -> int:
-    from deploy.catalog import format_table, variant_rows
+    from deploy.catalog import format_table, variant_rows, zoo_rows
 
-    rows = variant_rows()
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    rows, zoo = variant_rows(), zoo_rows()
+    print(json.dumps(rows + zoo, indent=2) if args.json else f"{format_table(rows)}\n\n{format_table(zoo)}")
     return ExitStatus.OK
 
 
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("list", parents=[common], help="the variants with params, MACs at 224 px and defaults")
+    p = sub.add_parser("list", parents=[common], help="the variants and the plug-in zoo, with params, MACs at 224 px and defaults")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_list)
 

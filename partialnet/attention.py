@@ -276,5 +276,15 @@ class AttentionCNN(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def attention_cnn(module: str = "se", num_classes: int = 10) -> AttentionCNN:
-    return AttentionCNN(module, num_classes)
+def _cnn_factory(module: str) -> Callable[..., AttentionCNN]:
+    def build(num_classes: int = 10) -> AttentionCNN:
+        return AttentionCNN(module, num_classes)
+
+    build.__name__ = build.__qualname__ = f"{module}_cnn"
+    build.__doc__ = f"The conformance CNN with {ATTENTION[module].__name__}: `deploy export partialnet.attention:{module}_cnn`."
+    return build
+
+
+# One factory per module, exportable as partialnet.attention:NAME_cnn (se_cnn, cbam_cnn, ...).
+FACTORIES = {name: _cnn_factory(name) for name in ATTENTION}
+globals().update({f.__name__: f for f in FACTORIES.values()})
