@@ -264,26 +264,24 @@ def _source_file(ref: FactoryRef) -> Path:
     return Path(spec.origin)
 
 
+def _require_unchanged(path: Path, recorded: str, what: str, if_gone: str, if_changed: str) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"the export's {what} {path} is gone; the eager reference needs it "
+                              f"(sha256 {recorded[:12]}...). {if_gone}".rstrip())
+    now = file_sha256(path)
+    if now != recorded:
+        raise CheckpointError(f"{path} changed since the export (sha256 {now[:12]}..., export recorded "
+                              f"{recorded[:12]}...); {if_changed}")
+
+
 def rebuild(source: dict[str, Any], *, allow_pickle: bool = False) -> nn.Module:
     """The eager model an export recorded, or a one-line refusal when its file, weights or state changed."""
     ref = FactoryRef(source["factory"], Path(source["file"]) if source.get("file") else None, source.get("module"))
-    path = _source_file(ref)
-    if not path.is_file():
-        raise CheckpointError(f"the export's model file {path} is gone; the eager reference needs it "
-                              f"(sha256 {source['file_sha256'][:12]}...). Restore it or re-export.")
-    now = file_sha256(path)
-    if now != source["file_sha256"]:
-        raise CheckpointError(f"{path} changed since the export (sha256 {now[:12]}..., export recorded "
-                              f"{source['file_sha256'][:12]}...); restore it or re-export with --force.")
+    _require_unchanged(_source_file(ref), source["file_sha256"], "model file", "Restore it or re-export.",
+                       "restore it or re-export with --force.")
     weights = source.get("weights")
     if weights:
-        if not Path(weights).is_file():
-            raise CheckpointError(f"the export's weights {weights} are gone; the eager reference needs them "
-                                  f"(sha256 {source['weights_sha256'][:12]}...).")
-        now = file_sha256(weights)
-        if now != source["weights_sha256"]:
-            raise CheckpointError(f"{weights} changed since the export (sha256 {now[:12]}..., export recorded "
-                                  f"{source['weights_sha256'][:12]}...); re-export with --force.")
+        _require_unchanged(Path(weights), source["weights_sha256"], "weights", "", "re-export with --force.")
     model = _call_factory(ref, source.get("num_classes_arg"), int(source.get("seed") or 0))
     if weights:
         _load_weights(model, weights, allow_pickle, ref.label)
