@@ -227,7 +227,10 @@ class _Folder:
         for node in list(self.gm.graph.nodes):
             module = _module(self.gm, node)
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and _rank(node):
-                scale, shift = _bn_affine64(module)
+                try:
+                    scale, shift = _bn_affine64(module)
+                except ValueError as e:
+                    raise TraceError(f"cannot fold {node.target}: {e}") from e
                 dtype = module.running_var.dtype  # type: ignore[union-attr]
                 node.target = self.affine(scale, shift, _rank(node), dtype)  # type: ignore[arg-type]
                 bns += 1
