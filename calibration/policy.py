@@ -437,6 +437,10 @@ DEFAULT_REASONS: dict[str, str] = {
                  "onnxruntime, nothing measurable on OpenVINO",
     "head": "measured: onnxruntime max |logit error| 2.41 -> 0.62 (T0 224 px), 0.28 -> 0.09 (digits); costs ~0.3 ms "
             "on onnxruntime (the 1280x1000 Linear in float)",
+    "act_matmul": "measured (benchmarks/MODULES.md, conformance CNNs at 64 px): onnxruntime DANet max |logit error| "
+                  "0.089 -> 0.018, cosine 0.9998 -> 1.0000; EMA top-1 agreement 0.992 -> 1.000; SCSA unchanged; "
+                  "OpenVINO unchanged on all three. In PartialNet these are PAT_sf's q@k and attn@v (49 tokens at "
+                  "224 px), measured neutral as softmax/attn_bias",
 }
 DEFAULT_PARTS: tuple[str, ...] = tuple(DEFAULT_REASONS)
 DEFAULT_POLICY = FloatPolicy(parts=DEFAULT_PARTS, reasons=DEFAULT_REASONS, name="default")
