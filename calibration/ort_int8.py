@@ -139,6 +139,29 @@ def model_input_size(model: onnx.ModelProto) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _name_new_nodes(path: Path) -> int:
+    """Name the nodes pre-processing created without one (HardSwish decomposed into HardSigmoid and Mul): the
+    float policy finds nodes by name. Each takes its producer's name plus its op, so it stays in that scope."""
+    proto = onnx.load(str(path))
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    taken = {n.name for n in proto.graph.node}
+    count = 0
+    for node in proto.graph.node:
+        if node.name:
+            continue
+        parent = next((producer[i].name for i in node.input if i in producer and producer[i].name), "")
+        base = f"{parent.rsplit('/', 1)[0] if parent else ''}/{node.op_type}"
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        taken.add(name)
+        count += 1
+    if count:
+        onnx.save(proto, str(path))
+    return count
+
+
 def pre_process(src: Path, dest: Path) -> dict[str, Any]:
     """onnxruntime's quantization pre-processing (shape inference, basic optimizations) from src to dest.
 
@@ -150,7 +173,9 @@ def pre_process(src: Path, dest: Path) -> dict[str, Any]:
         with _quiet():
             quant_pre_process(str(src), str(dest))
         onnx.checker.check_model(str(dest))
-        return {"applied": True, "tool": "onnxruntime.quantization.shape_inference.quant_pre_process"}
+        named = _name_new_nodes(dest)
+        return {"applied": True, "tool": "onnxruntime.quantization.shape_inference.quant_pre_process",
+                **({"nodes_named": named} if named else {})}
     except Exception as e:  # symbolic shape inference raises many exception types on unusual graphs
         shutil.copyfile(src, dest)
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

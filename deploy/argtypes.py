@@ -94,3 +94,22 @@ def cluster(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected local:N or tcp://HOST:PORT, got {text!r}")
     port(port_text)
     return text
+
+
+def rgb_triple(text: str) -> tuple[float, float, float]:
+    """`0.5,0.5,0.5`: one number per RGB channel (--mean, --std)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers (R,G,B), got {text!r}") from None
+    if len(values) != 3 or not all(abs(v) < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected three finite comma-separated numbers (R,G,B), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def positive_triple(text: str) -> tuple[float, float, float]:
+    values = rgb_triple(text)
+    if min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three numbers > 0 (R,G,B), got {text!r}")
+    return values

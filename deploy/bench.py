@@ -164,11 +164,13 @@ def agreement_of(export: ExportHandle, rows: Sequence[Artifact], images: np.ndar
 
 
 def worker_specs(export: ExportHandle, opened: Sequence[Opened], threads: int | None) -> list[WorkerSpec]:
+    from partialnet.factory import portable  # a user's model unpickles in the worker too
+
     options = RunnerOptions(threads=threads)
     specs = []
     for o in opened:
         if o.artifact is None:
-            specs.append(WorkerSpec(o.key, options, model=export.model, input_size=export.manifest.input_size))
+            specs.append(WorkerSpec(o.key, options, model=portable(export.model), input_size=export.manifest.input_size))
         else:
             specs.append(WorkerSpec(o.key, options, folder=str(export.folder), artifact=o.artifact.to_dict()))
     return specs

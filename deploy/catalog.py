@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Any
 from partialnet.config import variant_config
 from partialnet.cost import mac_count, param_count
 from partialnet.resources import require_memory
-from partialnet.variants import VARIANTS
+from partialnet.variants import IMAGENET, VARIANTS
+from partialnet.zoo_table import ZOO
 
 if TYPE_CHECKING:
     from partialnet import LoadedModel
@@ -34,6 +35,21 @@ def variant_rows() -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def zoo_rows() -> list[dict[str, Any]]:
+    """One row per plug-in zoo model (exportable by name, fresh weights or --weights); counts from the table."""
+    return [
+        {
+            "variant": m.name,
+            "kind": "zoo",
+            "params_m": round(m.params / 1e6, 3),
+            "macs_m_224": round(m.macs_224 / 1e6, 1),
+            "input_size": IMAGENET.input_size,
+            "about": m.about,
+        }
+        for m in ZOO.values()
+    ]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

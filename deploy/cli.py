@@ -56,10 +56,10 @@ def _console(args) -> Console:
 
 
 def cmd_list(args) -> int:
-    from deploy.catalog import format_table, variant_rows
+    from deploy.catalog import format_table, variant_rows, zoo_rows
 
-    rows = variant_rows()
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    rows, zoo = variant_rows(), zoo_rows()
+    print(json.dumps(rows + zoo, indent=2) if args.json else f"{format_table(rows)}\n\n{format_table(zoo)}")
     return ExitStatus.OK
 
 
@@ -139,6 +139,12 @@ def cmd_export(args) -> int:
     req = ExportRequest(
         variant=args.variant,
         checkpoint=args.checkpoint,
+        weights=args.weights,
+        num_classes=args.num_classes,
+        mean=args.mean,
+        std=args.std,
+        crop_ratio=args.crop_ratio,
+        interpolation=args.interpolation,
         input_size=args.input_size,
         opset=args.opset,
         output=args.output,
@@ -232,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("list", parents=[common], help="the variants with params, MACs at 224 px and defaults")
+    p = sub.add_parser("list", parents=[common], help="the variants and the plug-in zoo, with params, MACs at 224 px and defaults")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_list)
 
@@ -259,8 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=argtypes.threads, default=None, help="CPU threads")
     p.set_defaults(handler=cmd_predict)
 
-    p = sub.add_parser("export", parents=[common], help="reparameterize, export ONNX, check against eager")
+    p = sub.add_parser("export", parents=[common], help="reparameterize, export ONNX, check against eager",
+                       description="MODEL is a variant or zoo name (see 'deploy list'), FILE.py:FACTORY or "
+                                   "package.module:FACTORY (a function returning an nn.Module classifier; loading "
+                                   "a file runs its code).")
     _add_model_args(p)
+    p.add_argument("--weights", "-w", help="state dict for a FACTORY's model, loaded strictly (.pth, .safetensors, "
+                   "Lightning .ckpt); default: fresh seeded weights")
+    p.add_argument("--num-classes", type=argtypes.positive_int, default=None,
+                   help="passed to the factory (or the variant) as num_classes")
+    p.add_argument("--mean", type=argtypes.rgb_triple, default=None, help="R,G,B normalization mean (default ImageNet's)")
+    p.add_argument("--std", type=argtypes.positive_triple, default=None, help="R,G,B normalization std (default ImageNet's)")
+    p.add_argument("--crop-ratio", type=argtypes.fraction, default=None,
+                   help="center-crop ratio: resize to N / ratio, crop N (default the model's, 0.9)")
+    p.add_argument("--interpolation", choices=["bicubic", "bilinear"], default=None,
+                   help="resize interpolation (default the model's, bicubic)")
     p.add_argument("--output", "-o", help="export folder (default: exports/VARIANT[_SIZE])")
     p.add_argument("--force", action="store_true", help="replace an existing export folder")
     p.add_argument("--opset", type=argtypes.positive_int, default=18, help="ONNX opset (default 18)")

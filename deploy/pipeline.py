@@ -21,14 +21,14 @@ import torch
 from calibration.sources import ImageSet, default_images, load_images
 from export.layout import REFERENCE_ONNX, REPORT
 from export.manifest import Artifact, Manifest, metadata_props
-from export.reparam import reparameterize_model_with_summary
-from export.to_onnx import DEFAULT_OPSET, GraphStats, check_opset, export_onnx, save_onnx, set_metadata
+from export.fold import deploy_form, explain_export_error
+from export.to_onnx import DEFAULT_OPSET, ExportError, GraphStats, check_opset, export_onnx, save_onnx, set_metadata
 from partialnet import LoadedModel, build_model
+from partialnet.factory import FactoryModel
 from partialnet.console import SILENT, Console
-from partialnet.errors import DeployError, ExitStatus, WriteError
+from partialnet.errors import DeployError, ExitStatus, UsageError, WriteError
 from partialnet.files import atomic_write_json, atomic_write_text
 from partialnet.profile import count_macs, count_params
-from partialnet.resources import require_memory
 from partialnet.variants import Preprocess
 from runtimes.compare import TOLERANCES, Drift, judge, run_all
 from runtimes.eager import fp32_noise_floor
@@ -51,8 +51,14 @@ SIMPLIFY_RTOL = 1e-5
 
 @dataclass
 class ExportRequest:
-    variant: str
+    variant: str  # a variant name, a zoo name, FILE.py:FACTORY or package.module:FACTORY
     checkpoint: str | None = None
+    weights: str | None = None  # a state dict for a factory's model
+    num_classes: int | None = None  # passed to a factory that takes it
+    mean: tuple[float, float, float] | None = None  # preprocessing overrides (None: the model's own, ImageNet's)
+    std: tuple[float, float, float] | None = None
+    crop_ratio: float | None = None
+    interpolation: str | None = None
     input_size: int | None = None
     opset: int = DEFAULT_OPSET
     output: str | None = None
@@ -104,12 +110,11 @@ def run_export(req: ExportRequest, console: Console = SILENT) -> ExportResult:
     selected = backends.parse_backends(req.backends)  # a bad --backends or --opset fails before any work
     check_opset(req.opset, req.exporter)
     precisions = list(req.precisions)
-    lm = build_model(req.variant, req.checkpoint, spatial_attn=req.spatial_attn, allow_pickle=req.allow_pickle,
-                     log=console)
-    size = req.input_size or lm.variant.preprocess.input_size
-    require_memory(lm.config, size, max(CHECK_SAMPLES, VALIDATE_BATCH), f"deploy export --input-size {size}")
-    dest = Path(req.output) if req.output else default_output(lm.variant.name, size, lm.variant.preprocess.input_size)
-    staging = _Staging(dest, req.force, inputs=(req.checkpoint, req.val_data, req.calib_data))
+    lm = load_model(req, console)
+    size = req.input_size or lm.preprocess.input_size
+    lm.require_memory(size, max(CHECK_SAMPLES, VALIDATE_BATCH), f"deploy export --input-size {size}")
+    dest = Path(req.output) if req.output else default_output(lm.name, size, lm.preprocess.input_size)
+    staging = _Staging(dest, req.force, inputs=(req.checkpoint, req.weights, req.val_data, req.calib_data))
     try:
         result = _export_into(req, lm, size, staging.path, dest, selected, precisions, console)
         staging.commit()
@@ -120,32 +125,48 @@ def run_export(req: ExportRequest, console: Console = SILENT) -> ExportResult:
     return result
 
 
-def new_manifest(req: ExportRequest, lm: LoadedModel, size: int, pp: Preprocess) -> Manifest:
+def load_model(req: ExportRequest, console: Console) -> "LoadedModel | FactoryModel":
+    """A PartialNet variant (--checkpoint), or a factory's / zoo model (--weights, --num-classes)."""
+    from partialnet.factory import build_from_factory, parse_target
+
+    if parse_target(req.variant) is None:  # a variant name; an unknown one is an error naming the closest
+        if req.weights:
+            raise UsageError(f"--weights loads a state dict into a factory's model (FILE.py:FACTORY); the variant "
+                             f"{req.variant} takes --checkpoint.")
+        return build_model(req.variant, req.checkpoint, spatial_attn=req.spatial_attn, num_classes=req.num_classes,
+                           allow_pickle=req.allow_pickle, log=console)
+    if req.checkpoint or req.spatial_attn is not None:
+        raise UsageError(f"--checkpoint and --(no-)spatial-attn apply to PartialNet variants; pass the weights of "
+                         f"{req.variant} with --weights.")
+    return build_from_factory(req.variant, req.weights, num_classes=req.num_classes, input_size=req.input_size,
+                              allow_pickle=req.allow_pickle)
+
+
+def preprocess_for(req: ExportRequest, model_pp: Preprocess, size: int) -> Preprocess:
+    """The model's preprocessing at `size`, with what --mean/--std/--crop-ratio/--interpolation override."""
+    pp = model_pp.at(size)
+    return Preprocess(size, req.crop_ratio or pp.crop_ratio, req.interpolation or pp.interpolation,  # type: ignore[arg-type]
+                      req.mean or pp.mean, req.std or pp.std)
+
+
+def new_manifest(lm: "LoadedModel | FactoryModel", size: int, pp: Preprocess) -> Manifest:
     return Manifest(
-        variant=lm.variant.name,
+        variant=lm.name,
         input_size=size,
-        num_classes=lm.config.num_classes,
+        num_classes=lm.num_classes,
         preprocess=pp.to_dict(),
         checkpoint_sha256=lm.checkpoint_sha256,
-        source={
-            "checkpoint": str(Path(req.checkpoint).resolve()) if req.checkpoint else None,
-            "format": lm.checkpoint.format if lm.checkpoint else None,
-            "seed": None if lm.checkpoint else 0,
-            "spatial_attn": lm.config.spatial_attn,
-            "act": lm.config.act,
-            "sources": lm.sources,
-            "notes": lm.notes,
-        },
-        architecture=lm.config.to_dict(),
+        source=lm.source,
+        architecture=lm.architecture,
     )
 
 
-def _export_into(req: ExportRequest, lm: LoadedModel, size: int, folder: Path, dest: Path,
+def _export_into(req: ExportRequest, lm: "LoadedModel | FactoryModel", size: int, folder: Path, dest: Path,
                  selected: tuple[list[Backend], dict[str, str]], precisions: list[str],
                  console: Console) -> ExportResult:
-    pp = lm.variant.preprocess.at(size)
-    report = Report(title=f"{lm.variant.name} export")
-    manifest = new_manifest(req, lm, size, pp)
+    pp = preprocess_for(req, lm.preprocess, size)
+    report = Report(title=f"{lm.name} export")
+    manifest = new_manifest(lm, size, pp)
     ctx = BuildContext(folder, manifest, console, threads=req.threads)
     export = ExportHandle(folder, manifest, lm.model, dest)
     timings = _Timings()
@@ -200,7 +221,7 @@ def write_reference(req: ExportRequest, original: torch.nn.Module, ctx: BuildCon
     """Reparameterize, export and simplify into model.onnx, record it in the manifest; returns the deploy model."""
     size = ctx.manifest.input_size
     if req.reparam:
-        deploy_model, summary = reparameterize_model_with_summary(original, size)
+        deploy_model, summary = deploy_form(original, size)
         info: dict[str, Any] = summary.to_dict()
     else:
         deploy_model, info = original, {"applied": False}
@@ -208,12 +229,24 @@ def write_reference(req: ExportRequest, original: torch.nn.Module, ctx: BuildCon
                 macs_before=count_macs(original, size), macs_after=count_macs(deploy_model, size))
 
     raw_path = ctx.folder / ".raw.onnx"
-    proto = export_onnx(deploy_model, raw_path, size, opset=req.opset, exporter=req.exporter, force=True)
+    try:
+        proto = export_onnx(deploy_model, raw_path, size, opset=req.opset, exporter=req.exporter, force=True)
+    except ExportError as e:
+        where = explain_export_error(deploy_model, str(e))
+        if where is None:
+            raise
+        raise ExportError(f"{where} at opset {req.opset}; replace it with ops ONNX has, or try another --opset "
+                          f"or --exporter.") from e
     graph: dict[str, Any] = {"exporter": req.exporter, "opset": req.opset, "exported": GraphStats.of(proto).__dict__}
     if req.reparam:
-        with tempfile.TemporaryDirectory() as tmp:
-            plain = export_onnx(original, Path(tmp) / "plain.onnx", size, opset=req.opset, exporter=req.exporter)
-        graph["without_reparam"] = GraphStats.of(_simplified_or_same(plain)).__dict__
+        # Statistics only: a user's training-form model may not export as it is (shape reads that the graph
+        # passes make constant), and that is no reason to stop.
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                plain = export_onnx(original, Path(tmp) / "plain.onnx", size, opset=req.opset, exporter=req.exporter)
+            graph["without_reparam"] = GraphStats.of(_simplified_or_same(plain)).__dict__
+        except ExportError as e:
+            graph["without_reparam"] = {"error": str(e)}
 
     final_path = ctx.onnx
     if req.simplify:

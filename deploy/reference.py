@@ -12,6 +12,10 @@ from partialnet import CheckpointError, build_model
 def eager_from_manifest(manifest: Manifest, *, allow_pickle: bool = False, log=None) -> torch.nn.Module:
     """The same weights the export used: its checkpoint (hash-checked) or the same seeded fresh model."""
     src = manifest.source
+    if src.get("kind") == "factory":
+        from partialnet.factory import rebuild
+
+        return rebuild(src, allow_pickle=allow_pickle)
     ckpt = src.get("checkpoint")
     if ckpt:
         if not Path(ckpt).is_file():

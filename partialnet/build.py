@@ -20,7 +20,7 @@ from .checkpoint import (
 from .errors import CheckpointError
 from .config import ArchConfig, variant_config
 from .model import PartialNet
-from .variants import Variant, get_variant, variant_for_shape
+from .variants import Preprocess, Variant, get_variant, variant_for_shape
 
 
 @dataclass
@@ -37,6 +37,43 @@ class LoadedModel:
     @property
     def checkpoint_sha256(self) -> str | None:
         return self.checkpoint.sha256 if self.checkpoint else None
+
+    # What the export pipeline reads of any model (partialnet.factory.FactoryModel has the same).
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.variant.preprocess
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def architecture(self) -> dict:
+        return self.config.to_dict()
+
+    @property
+    def source(self) -> dict:
+        """Where the weights and the architecture came from: what rebuilds the same eager model later."""
+        ck = self.checkpoint
+        return {
+            "checkpoint": str(Path(ck.path).resolve()) if ck else None,
+            "format": ck.format if ck else None,
+            "seed": None if ck else 0,
+            "spatial_attn": self.config.spatial_attn,
+            "act": self.config.act,
+            "sources": self.sources,
+            "notes": self.notes,
+        }
+
+    def require_memory(self, input_size: int, batch: int, what: str) -> None:
+        from .resources import require_memory
+
+        require_memory(self.config, input_size, batch, what)
 
 
 def init_weights(model: nn.Module, seed: int = 0) -> None:

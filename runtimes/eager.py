@@ -31,7 +31,7 @@ class EagerRunner:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.inputs, feeds, multiple_of=32)
         cfg = getattr(self.model, "cfg", None)
-        if cfg is not None:
+        if cfg is not None and hasattr(cfg, "stage_dim"):  # a PartialNet's ArchConfig (a user's model may have a cfg)
             from partialnet.resources import require_memory
 
             x = feeds[INPUT_NAME]

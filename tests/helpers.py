@@ -35,7 +35,7 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 
     with torch.no_grad():
         for name, m in model.named_modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):  # BatchNorm1d/2d
                 m.running_mean.copy_(rand(m.running_mean.shape, -0.5, 0.5))
                 m.running_var.copy_(rand(m.running_var.shape, 0.5, 2.0))
                 m.weight.copy_(rand(m.weight.shape, 0.5, 1.5))
