@@ -117,7 +117,9 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"deploy serve exited {self.proc.returncode}: {self.stderr()}")
-            if all(_ready(f"{self.url}/v2/models/{m}/ready") for m in (MODEL, MODEL + "_image")):
+            # deploy serve says where it listens just after Triton reports the models ready: ready means both
+            if all(_ready(f"{self.url}/v2/models/{m}/ready") for m in (MODEL, MODEL + "_image")) \
+                    and "listening on" in self.stderr():
                 return
             time.sleep(0.25)
         pytest.fail(f"deploy serve not ready after {READY_TIMEOUT_S} s: {self.stderr()}")
