@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 
 import numpy as np
@@ -252,8 +253,20 @@ def test_cluster_without_dask_is_one_line_with_the_install_command(folder, label
 @pytest.mark.slow
 def test_local_cluster_gives_the_single_process_figures(folder, labelled, capsys):
     pytest.importorskip("distributed")
-    _, single, _ = validate(capsys, folder, "--data", labelled, "--batch-size", "4", "-q")
-    rc, clustered, _ = validate(capsys, folder, "--data", labelled, "--batch-size", "4", "--cluster", "local:2", "-q")
+    import torch
+
+    # Without --threads the single-process run computes with this process's torch threads, which an earlier
+    # in-process run with --threads may have changed; the Dask workers start as fresh processes do.
+    fresh = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                               capture_output=True, text=True, check=True).stdout)
+    before = torch.get_num_threads()
+    torch.set_num_threads(fresh)
+    try:
+        _, single, _ = validate(capsys, folder, "--data", labelled, "--batch-size", "4", "-q")
+        rc, clustered, _ = validate(capsys, folder, "--data", labelled, "--batch-size", "4", "--cluster", "local:2",
+                                    "-q")
+    finally:
+        torch.set_num_threads(before)
     assert rc == 0 and clustered["throughput"]["cluster"] == "local:2"
     assert results(clustered) == results(single)  # to the last bit, not only the counts
 
