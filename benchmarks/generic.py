@@ -17,6 +17,7 @@ options, eager as a plain loop; and every row's top-1 agreement with eager is ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import subprocess
@@ -63,7 +64,8 @@ def build_generic(variant: str, size: int, folder: Path) -> dict[str, Path]:
     quantize_static(str(fp32), str(int8), Reader())
     ov_model = ov.convert_model(str(fp32))
     ov.save_model(ov_model, str(folder / "generic.xml"), compress_to_fp16=False)
-    quantized = nncf.quantize(ov_model, nncf.Dataset([x[None] for x in calib]), subset_size=len(calib))
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars go to stdout; the table is stdout
+        quantized = nncf.quantize(ov_model, nncf.Dataset([x[None] for x in calib]), subset_size=len(calib))
     ov.save_model(quantized, str(folder / "generic.int8.xml"), compress_to_fp16=False)
     return {"onnxruntime fp32": fp32, "onnxruntime int8": int8,
             "openvino fp32": folder / "generic.xml", "openvino int8": folder / "generic.int8.xml"}
@@ -137,7 +139,8 @@ def main() -> None:
           f"{args.slice_s} s, {args.duration_s:g} s timed each; agreement: top-1 equal to eager's on {CHECK} "
           f"embedded crops (seed 1); both INT8 pipelines calibrated on the same {CALIB} crops (seed 0). "
           f"`python benchmarks/generic.py --variant {args.variant} --threads {args.threads} "
-          f"--duration-s {args.duration_s:g}`\n")
+          f"--duration-s {args.duration_s:g}{' --export D' if args.export else ''}`"
+          f"{' (D: deploy export ' + args.variant + ' --int8)' if args.export else ''}\n")
     print("| runtime | precision | generic p50 ms | ours p50 ms | our lead | generic vs eager | ours vs eager "
           "| generic agreement | ours agreement |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
