@@ -278,15 +278,16 @@ class DeploySRMGate(nn.Module):
         )
         return cls(_conv_with(conv, stacked, b), map_size, input_size)
 
-    def _check(self, x: Tensor) -> None:
+    def stats(self, x: Tensor) -> Tensor:
+        """[mean; std] per channel, [B, 2C, 1, 1]: what cfc1 reads."""
         _check_map_size("this SRM gate", x, self.map_size, self.input_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
         mean = x.mean(dim=(2, 3), keepdim=True)
         centered = x - mean
         std = (centered * centered).mean(dim=(2, 3), keepdim=True).sqrt()  # biased; the correction is in cfc1
-        return x * self.cfc1(torch.cat((mean, std), dim=1)).clamp(0.0, 1.0)
+        return torch.cat((mean, std), dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.cfc1(self.stats(x)).clamp(0.0, 1.0)
 
 
 class DeployAttention(nn.Module):
@@ -365,7 +366,6 @@ class DeployMLP(nn.Module):
         self.act = act
         self.fc2 = fc2
         self.gated = gate_shift is not None
-        self.logit_last = False  # export.rewrites' sp_logit_last moves the gate-logit row to the end
         if gate_shift is not None:
             half = gate_shift.shape[0]
             self.splits = [half, 1, fc2.out_channels - half - 1]
@@ -375,11 +375,7 @@ class DeployMLP(nn.Module):
         z = self.fc2(self.act(self.fc1(x)))
         if not self.gated:
             return z
-        if self.logit_last:
-            half, one, rest = self.splits
-            gated, plain, logit = torch.split(z, [half, rest, one], dim=1)
-        else:
-            gated, logit, plain = torch.split(z, self.splits, dim=1)
+        gated, logit, plain = torch.split(z, self.splits, dim=1)
         return torch.cat((gated * logit.clamp(0.0, 1.0) + self.gate_shift, plain), dim=1)
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .reparam import DeployMLP, DeploySRMGate
+from .reparam import DeployMLP, DeploySRMGate, _conv_with
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,7 @@ class LinearSRMGate(DeploySRMGate):
     blocked-layout pass, so no reorders around it)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
-        mean = x.mean(dim=(2, 3), keepdim=True)
-        centered = x - mean
-        std = (centered * centered).mean(dim=(2, 3), keepdim=True).sqrt()
-        stats = torch.cat((mean, std), dim=1).flatten(1)
-        gate = F.linear(stats, self.cfc1.weight.flatten(1), self.cfc1.bias).clamp(0.0, 1.0)
+        gate = F.linear(self.stats(x).flatten(1), self.cfc1.weight.flatten(1), self.cfc1.bias).clamp(0.0, 1.0)
         return x * gate[:, :, None, None]
 
 
@@ -49,30 +44,31 @@ def _srm_gemm(model: nn.Module) -> int:
     return changed
 
 
-def _sp_logit_last(model: nn.Module) -> int:
-    """Move the merged PAT_sp conv's gate-logit row from the middle (row C/2) to the end (row C), so the Split
-    after it cuts at C/2 and C: offsets on the runtimes' channel blocks instead of C/2 + 1."""
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, DeployMLP) and module.gated and not module.logit_last:
-            half, _, rest = module.splits
-            order = list(range(half)) + list(range(half + 1, half + 1 + rest)) + [half]
-            with torch.no_grad():
-                module.fc2.weight.copy_(module.fc2.weight[order].clone())
-                if module.fc2.bias is not None:
-                    module.fc2.bias.copy_(module.fc2.bias[order].clone())
-            module.logit_last = True
-            changed += 1
-    return changed
+def _feature_rows(mlp: DeployMLP) -> list[int]:
+    """The merged PAT_sp conv's C feature rows, in order, without its gate-logit row (row C/2)."""
+    half, _, rest = mlp.splits
+    return list(range(half)) + list(range(half + 1, half + 1 + rest))
 
 
-def _conv1x1(weight: Tensor, bias: Tensor, like: nn.Conv2d) -> nn.Conv2d:
-    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1, bias=True, device=like.weight.device,
-                     dtype=like.weight.dtype)
-    with torch.no_grad():
-        conv.weight.copy_(weight.view(conv.weight.shape))
-        conv.bias.copy_(bias)
-    return conv
+class LogitLastMLP(nn.Module):
+    """The merged PAT_sp MLP with the gate-logit row moved from the middle (row C/2) to the end (row C), so the
+    Split after it cuts at C/2 and C: offsets on the runtimes' channel blocks instead of C/2 + 1. The second conv
+    is the merged one, its rows permuted in place."""
+
+    def __init__(self, mlp: DeployMLP):
+        super().__init__()
+        half, one, rest = mlp.splits
+        order = _feature_rows(mlp) + [half]
+        with torch.no_grad():
+            mlp.fc2.weight.copy_(mlp.fc2.weight[order].clone())
+            if mlp.fc2.bias is not None:
+                mlp.fc2.bias.copy_(mlp.fc2.bias[order].clone())
+        self.fc1, self.act, self.fc2, self.gate_shift = mlp.fc1, mlp.act, mlp.fc2, mlp.gate_shift
+        self.splits = [half, rest, one]
+
+    def forward(self, x: Tensor) -> Tensor:
+        gated, plain, logit = torch.split(self.fc2(self.act(self.fc1(x))), self.splits, dim=1)
+        return torch.cat((gated * logit.clamp(0.0, 1.0) + self.gate_shift, plain), dim=1)
 
 
 class GateConvMLP(nn.Module):
@@ -84,10 +80,10 @@ class GateConvMLP(nn.Module):
         super().__init__()
         half, _, rest = mlp.splits
         w, b = mlp.fc2.weight.detach(), mlp.fc2.bias.detach()
-        keep = list(range(half)) + list(range(half + 1, half + 1 + rest))
+        keep = _feature_rows(mlp)
         self.fc1, self.act = mlp.fc1, mlp.act
-        self.fc2 = _conv1x1(w[keep], b[keep], mlp.fc2)
-        self.gate = _conv1x1(w[half:half + 1], b[half:half + 1], mlp.fc2)
+        self.fc2 = _conv_with(mlp.fc2, w[keep], b[keep])
+        self.gate = _conv_with(mlp.fc2, w[half:half + 1], b[half:half + 1])
         self.half, self.rest = half, rest
         self.gate_shift = mlp.gate_shift
 
@@ -106,7 +102,7 @@ class BroadcastGateMLP(GateConvMLP):
         super().__init__(mlp)
         dim = self.half + self.rest
         gated = (torch.arange(dim) < self.half).to(self.fc2.weight.dtype)
-        self.expand = _conv1x1(gated.view(dim, 1), 1.0 - gated, self.fc2)
+        self.expand = _conv_with(self.fc2, gated.view(dim, 1, 1, 1), 1.0 - gated)
         shift = torch.zeros(1, dim, 1, 1, dtype=self.fc2.weight.dtype)
         shift[:, :self.half] = self.gate_shift.detach()
         self.full_shift = nn.Parameter(shift)
@@ -121,7 +117,7 @@ def _replace_gated_mlps(make: Callable[[DeployMLP], nn.Module]) -> Callable[[nn.
         changed = 0
         for module in model.modules():
             mlp = getattr(module, "mlp", None)
-            if isinstance(mlp, DeployMLP) and mlp.gated and not mlp.logit_last:
+            if type(mlp) is DeployMLP and mlp.gated:  # each rewrite replaces the plain merged form once
                 module.mlp = make(mlp)
                 changed += 1
         return changed
@@ -130,7 +126,8 @@ def _replace_gated_mlps(make: Callable[[DeployMLP], nn.Module]) -> Callable[[nn.
 
 REWRITES: dict[str, Rewrite] = {r.name: r for r in (
     Rewrite("srm_gemm", "SRM gate cfc1 as Gemm on [B, 2C] (not a 1x1 conv on a 1x1 map)", _srm_gemm),
-    Rewrite("sp_logit_last", "PAT_sp gate-logit row last: Split at C/2 and C, not C/2 and C/2+1", _sp_logit_last),
+    Rewrite("sp_logit_last", "PAT_sp gate-logit row last: Split at C/2 and C, not C/2 and C/2+1",
+            _replace_gated_mlps(LogitLastMLP)),
     Rewrite("sp_gate_conv", "PAT_sp gate row as its own hidden -> 1 conv; the second conv keeps C rows",
             _replace_gated_mlps(GateConvMLP)),
     Rewrite("sp_broadcast", "sp_gate_conv with no Split/Concat: z * clamp(expand(gate)) + [t; 0] on C rows",
