@@ -31,19 +31,6 @@ sys.path.insert(0, str(HERE.parent))
 from plain import open_plain_onnxruntime, open_static_openvino, time_side_by_side  # noqa: E402
 
 
-def randomize_bn(model, seed: int = 0) -> None:
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_((torch.rand(m.num_features, generator=gen) - 0.5) * 0.6)
-
-
 def build_graphs(variant: str, size: int, folder: Path, only: list[str] | None,
                  combine: list[str] | None) -> tuple[dict[str, Path], dict[str, float]]:
     """ONNX files (and IR beside them) of the reparameterized graph and of each rewrite; their FP32 error."""
@@ -53,12 +40,13 @@ def build_graphs(variant: str, size: int, folder: Path, only: list[str] | None,
 
     import partialnet
     from export.reparam import reparameterize_model
+    from reparam import randomize_batchnorms  # benchmarks/reparam.py's, so both scripts fold the same kind of BN
     from export.rewrites import REWRITES, apply_rewrites
     from export.to_onnx import export_onnx
     from runtimes.ov import convert_to_ir
 
     lm = partialnet.build_model(variant)
-    randomize_bn(lm.model)
+    randomize_batchnorms(lm.model, 0)
     base = reparameterize_model(lm.model, size)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

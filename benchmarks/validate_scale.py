@@ -74,18 +74,23 @@ def tree_rss(proc: psutil.Process) -> int:
 def run(argv: list[str]) -> tuple[dict, float, int, int]:
     """(report, seconds, peak RSS of the command alone, peak RSS of its process tree)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ps = psutil.Process(proc.pid)
-    peak_self = peak_tree = 0
-    while proc.poll() is None:
-        try:
-            peak_self = max(peak_self, ps.memory_info().rss)
-            peak_tree = max(peak_tree, tree_rss(ps))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    out, err = proc.communicate()
-    seconds = time.perf_counter() - start
+    # Files, not pipes: a report or progress output larger than a pipe's buffer would block the command while
+    # this loop only samples its memory.
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        proc = subprocess.Popen(argv, stdout=out_f, stderr=err_f, text=True)
+        ps = psutil.Process(proc.pid)
+        peak_self = peak_tree = 0
+        while proc.poll() is None:
+            try:
+                peak_self = max(peak_self, ps.memory_info().rss)
+                peak_tree = max(peak_tree, tree_rss(ps))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        out_f.seek(0)
+        err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
     if proc.returncode not in (0, 3):
         raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {err.strip().splitlines()[-1:]}")
     return json.loads(out), seconds, peak_self, peak_tree

@@ -15,7 +15,7 @@ import numpy as np
 
 from partialnet.errors import DeployError, UsageError
 
-from .streaming import Measurer, ShardResult, merge_results
+from .streaming import Measurer, ShardResult, merge_results, runs
 
 INSTALL = 'pip install -c constraints.txt -e ".[cluster]"'
 SHARD_BATCHES = 16  # at most this many batches per task: a shard's logits stay small
@@ -78,13 +78,7 @@ def run_shard(plan: Plan, part: Any, labels: np.ndarray | None, batch_size: int,
 
 def shards(todo: Sequence[int], size: int) -> list[tuple[int, int]]:
     """Runs of consecutive batch numbers, at most `size` long: (first, count)."""
-    out: list[tuple[int, int]] = []
-    for i in todo:
-        if out and out[-1][0] + out[-1][1] == i and out[-1][1] < size:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((i, 1))
-    return out
+    return runs(todo, size)
 
 
 def connect(spec: str) -> tuple[Any, Any]:

@@ -253,7 +253,8 @@ def check_save_dir(path: Path) -> None:
 # --------------------------------------------------------------------------- resume
 
 
-def fingerprint(parts: dict[str, Any]) -> str:
+def fingerprint(parts: Any) -> str:
+    """A sha256 of plain data (JSON, keys sorted; anything else by its str)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -274,7 +275,8 @@ class RunState:
 
     def save(self) -> None:
         atomic_write_json(self.path, {"format": STATE_FORMAT, "fingerprint": self.fingerprint,
-                                      "batches": self.batches, "done": _ranges(sorted(self.done)),
+                                      "batches": self.batches,
+                                      "done": [[a, a + n] for a, n in runs(sorted(self.done))],
                                       "sums": self.sums.to_json(), "elapsed_s": self.elapsed_s}, force=True)
 
     @classmethod
@@ -289,11 +291,12 @@ class RunState:
             return None
 
 
-def _ranges(items: list[int]) -> list[list[int]]:
-    out: list[list[int]] = []
+def runs(items: Sequence[int], longest: int | None = None) -> list[tuple[int, int]]:
+    """Runs of consecutive numbers in sorted `items`, at most `longest` long each: (first, count)."""
+    out: list[tuple[int, int]] = []
     for i in items:
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
+        if out and out[-1][0] + out[-1][1] == i and (longest is None or out[-1][1] < longest):
+            out[-1] = (out[-1][0], out[-1][1] + 1)
         else:
-            out.append([i, i + 1])
+            out.append((i, 1))
     return out

@@ -7,7 +7,6 @@ exit code.
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import time
@@ -19,11 +18,11 @@ import numpy as np
 
 from calibration.sources import default_images, list_images, read_array, sample_rows
 from calibration.stream import ArraySource, FileSource, file_source
-from export.layout import VALIDATION, VALIDATION_STATE
+from export.layout import MANIFEST, VALIDATION, VALIDATION_STATE
 from export.manifest import Artifact, Manifest
 from partialnet.console import SILENT, Console
 from partialnet.errors import DeployError, UsageError
-from partialnet.files import atomic_write_json, atomic_write_text
+from partialnet.files import atomic_write_json, atomic_write_text, file_sha256
 from partialnet.variants import Preprocess
 from runtimes.compare import TOLERANCES, Drift, disagreement_notes
 
@@ -153,18 +152,14 @@ def read_images(data: str | None, pp: Preprocess, samples: int | None, seed: int
         st = path.stat()
         return Data(ArraySource(arr, rows), [f"{path.name}[{i}]" for i in rows],
                     describe=lambda n: f"array {path} ({len(rows)} of {len(arr)} rows)",
-                    identity=_digest([str(path.resolve()), st.st_size, st.st_mtime_ns, rows]))
+                    identity=fingerprint([str(path.resolve()), st.st_size, st.st_mtime_ns, rows]))
     listed = list_images(path, limit=samples, seed=seed, labels_file=labels_file, class_index=class_index)
     if not listed.files:
         raise DeployError(f"no readable images in {path}; expected jpg, png, webp or bmp files.")
     labels = np.asarray(listed.labels, np.int64) if listed.labels is not None else None
     names = [str(f) for f in listed.files]
     return Data(file_source(listed.files, pp), names, labels, listed.class_names, describe=listed.describe,
-                where=str(path), identity=_digest([names, listed.labels]))
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(repr(obj).encode()).hexdigest()
+                where=str(path), identity=fingerprint([names, listed.labels]))
 
 
 # --------------------------------------------------------------------------- measurement
@@ -202,7 +197,8 @@ def measure_stream(export: ExportHandle, runners: Sequence[Opened], data: Data, 
     n, classes = len(data), export.manifest.num_classes
     batches = -(-n // batch_size)
     keys = [o.key for o in runners]
-    fp = fingerprint({"manifest": _file_digest(export.folder / "manifest.json"), "rows": data.identity,
+    manifest_file = export.folder / MANIFEST  # not written yet while `deploy export` validates its staging folder
+    fp = fingerprint({"manifest": file_sha256(manifest_file) if manifest_file.exists() else "", "rows": data.identity,
                       "keys": keys, "batch_size": batch_size, "threads": threads, "labelled": data.labels is not None})
     temporary = stream.state_dir is None
     state_dir = Path(tempfile.mkdtemp(prefix="validate-")) if temporary else stream.state_dir
@@ -257,10 +253,6 @@ def _start_state(folder: Path, fp: str, batches: int, resume: bool, console: Con
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return RunState(folder, fp, batches)
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
 
 
 def _results(measurer: Measurer, export: ExportHandle, runners: Sequence[Opened], data: Data, batch_size: int,
@@ -537,10 +529,14 @@ def _report(export: ExportHandle, runners: Sequence[Opened], skipped: list[dict[
     t = m.throughput
     if t.get("images_per_s"):
         console(f"validate: {t['images']} images in {t['wall_s']:.1f} s ({t['images_per_s']:.1f} images/s); "
-                + ", ".join(f"{k} {v:.0f} images/s" for k, v in t["runners_images_per_s"].items() if v))
+                + _runner_rates(t))
     if report.failed:
         console(f"validation failed: {'; '.join(report.failures)}")
     return Validation(doc, markdown)
+
+
+def _runner_rates(throughput: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.0f} images/s" for k, v in throughput["runners_images_per_s"].items() if v)
 
 
 def _floor_rows(batch_size: int) -> int:
@@ -666,8 +662,7 @@ def validation_markdown(doc: dict[str, Any]) -> str:
                   f"{t['images']} images in {t['wall_s']:.1f} s ({t['images_per_s']:.1f} images/s"
                   + (f", on {t['cluster']}" if t.get("cluster") else f", {t['workers']} decoding worker(s)")
                   + f"); decoding {t['decode_s']:.1f} s, {_pct(t['decode_share'])} of decoding plus runner time. "
-                  "Per runner (its own compute time): "
-                  + ", ".join(f"{k} {v:.0f} images/s" for k, v in t["runners_images_per_s"].items() if v) + "."]
+                  "Per runner (its own compute time): " + _runner_rates(t) + "."]
     lines += ["", "## Gates", "", "| check | result | detail |", "|---|---|---|"]
     lines += [f"| {g['name']} | {'pass' if g['passed'] else 'FAIL'} | {'; '.join(g['failures']) or '-'} |"
               for g in doc["gates"]]

@@ -262,11 +262,9 @@ def drift_tail(pairs: PairChunks, decided_sigmas: float) -> dict[str, Any]:
             yield (cand[good] - ref[good]).ravel()
 
     n_ref = n_err = 0
-    total = ExactSum()
-    for ref, cand, bad_ref, good in rows():
+    for ref, _, bad_ref, good in rows():
         n_ref += int((~bad_ref).sum())
         n_err += int(good.sum()) * ref.shape[1]
-        total.add((cand[good] - ref[good]).ravel())
     nan = float("nan")
     noise = nan
     if n_err:
@@ -274,6 +272,9 @@ def drift_tail(pairs: PairChunks, decided_sigmas: float) -> dict[str, Any]:
         spread = median(lambda: (np.abs(e - centre) for e in errors()), n_err)
         noise = float(1.4826 * spread)
         if noise == 0.0:  # most errors exactly zero: the plain std is the noise
+            total = ExactSum()
+            for e in errors():
+                total.add(e)
             mean = total.value() / n_err
             squares = ExactSum()
             for e in errors():
