@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .build import init_weights
 from .checkpoint import match_state_dict, read_checkpoint
 from .errors import CheckpointError, UsageError
 from .files import file_sha256
@@ -97,20 +98,23 @@ def _restore(files: dict[str, str], payload: bytes) -> Any:
 
 class Portable:
     """A model that unpickles in a fresh process (a spawned worker) although its classes live in a user's file:
-    the files are imported there first, then the model is unpickled."""
+    those files are imported there first, then the model is unpickled."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, files: dict[str, str]):
+        self.model, self.files = model, files
 
     def __reduce__(self):
         import pickle
 
-        return _restore, (dict(_USER_FILES), pickle.dumps(self.model))
+        return _restore, (self.files, pickle.dumps(self.model))
 
 
 def portable(model: nn.Module) -> Any:
-    """What to send to another process instead of `model` (it arrives as the model itself)."""
-    return Portable(model) if _USER_FILES else model
+    """What to send to another process instead of `model` (it arrives as the model itself). The user files loaded
+    in this process go along (a model's classes may come from a file its factory's file imports), except those
+    since deleted: another model's file, loaded earlier in a long-lived process, may be gone."""
+    files = {name: path for name, path in _USER_FILES.items() if Path(path).is_file()}
+    return Portable(model, files) if files else model
 
 
 def load_factory(ref: FactoryRef) -> Callable[..., Any]:
@@ -148,13 +152,6 @@ def state_sha256(model: nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def fresh_init(model: nn.Module) -> None:
-    """Fan-in scaled weights for a model with no weights file (as `init_weights` does for a variant)."""
-    from .build import init_weights
-
-    init_weights(model, 0)
 
 
 @dataclass
@@ -231,7 +228,7 @@ def build_from_factory(target: str, weights: str | Path | None = None, *, num_cl
     if weights is not None:
         weights_sha, weights_format = _load_weights(model, weights, allow_pickle, ref.label)
     else:
-        fresh_init(model)
+        init_weights(model, seed)  # fan-in scaled, as for a variant without a checkpoint
         notes.append(f"freshly initialised (seed {seed}), no weights")
     model.eval()
     size = input_size or DEFAULT_INPUT_SIZE
@@ -286,7 +283,7 @@ def rebuild(source: dict[str, Any], *, allow_pickle: bool = False) -> nn.Module:
     if weights:
         _load_weights(model, weights, allow_pickle, ref.label)
     else:
-        fresh_init(model)
+        init_weights(model, int(source.get("seed") or 0))
     model.eval()
     if state_sha256(model) != source["state_sha256"]:
         raise CheckpointError(f"{ref.label} builds a different model than at export (state hash differs though the "
