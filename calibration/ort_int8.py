@@ -33,7 +33,13 @@ from partialnet.files import atomic_path
 
 from .cache import CacheKey, KeyedCache
 from .policy import DEFAULT_POLICY, FloatPolicy, OnnxGraph
-from .rewrites import fuse_gelu, rescale_gate_rows, split_gate_rows, unshare_float_consumers
+from .rewrites import (
+    fuse_gelu,
+    rescale_gate_rows,
+    split_gate_rows,
+    unshare_float_consumers,
+    unshare_weight_dequantizers,
+)
 from .sources import ImageSet
 
 METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
@@ -371,7 +377,8 @@ class QuantSession:
         quantized = {n.name for n in weighted if n.name not in excluded_set and (include is None or n.name in include)}
         proto = onnx.load(str(dest))
         rewired = unshare_float_consumers(proto, quantized)
-        if rewired:
+        weight_copies = unshare_weight_dequantizers(proto)
+        if rewired or weight_copies:
             onnx.save(proto, str(dest))
         ops = Counter(n.op_type for n in proto.graph.node)
         return {
@@ -381,6 +388,7 @@ class QuantSession:
             "weighted_ops": len(weighted),
             "weighted_ops_float": len(weighted) - len(quantized),
             "float_inputs_unshared": rewired,
+            "weight_copies": weight_copies,
             "excluded_nodes": len(exclude),
             **self._prepared[(scheme.fuse_gelu, scheme.gate)][1],
         }

@@ -8,6 +8,8 @@
   quantizing the big conv's output does not leave the [0, 1] gate on the features' coarse grid.
 * `unshare_float_consumers`: after quantization, float consumers of a quantized tensor read the float original
   instead of its DequantizeLinear (onnxruntime.quantization rewires every consumer).
+* `unshare_weight_dequantizers`: after quantization, a weight read by several ops (a shared module, e.g. CBAM's
+  MLP on the average- and the max-pooled map) gets one copy and one DequantizeLinear per reader.
 """
 from __future__ import annotations
 
@@ -281,3 +283,55 @@ def unshare_float_consumers(model: onnx.ModelProto, quantized: set[str]) -> int:
         if len(keep) != len(model.graph.node):
             _replace_nodes(model, keep)
     return rewired
+
+
+def unshare_weight_dequantizers(model: onnx.ModelProto) -> int:
+    """Give every reader of a shared quantized weight its own copy of the weight and its DequantizeLinear; in place.
+
+    onnxruntime's exact int8 mode (`session.x64quantprecision`, on for CPUs without VNNI, see runtimes.cpu)
+    converts each QLinearConv's int8 weight to uint8 under a name derived from the weight's, so a weight two convs
+    share is added twice and the session fails to load ("Attempt to replace the existing tensor"). Copies cost only
+    the shared weights' bytes again. Returns how many readers got a copy.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    taken = {n.name for n in model.graph.node} | set(inits) | {o for n in model.graph.node for o in n.output}
+
+    def fresh(base: str) -> str:
+        k = 1
+        while f"{base}_copy{k}" in taken:
+            k += 1
+        taken.add(f"{base}_copy{k}")
+        return f"{base}_copy{k}"
+
+    nodes, copies = [], 0
+    for dq in model.graph.node:
+        nodes.append(dq)
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        for reader in readers.get(dq.output[0], [])[1:]:
+            names = []
+            for name in dq.input:
+                if name in inits:
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(inits[name])
+                    copy.name = fresh(name)
+                    model.graph.initializer.append(copy)
+                    names.append(copy.name)
+                else:
+                    names.append(name)
+            twin = onnx.NodeProto()
+            twin.CopyFrom(dq)
+            twin.name, twin.output[0] = fresh(dq.name), fresh(dq.output[0])
+            twin.input[:] = names
+            for i, name in enumerate(reader.input):
+                if name == dq.output[0]:
+                    reader.input[i] = twin.output[0]
+            nodes.append(twin)
+            copies += 1
+    if copies:
+        _replace_nodes(model, nodes)
+    return copies

@@ -12,10 +12,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from calibration.ort_int8 import QuantSession, quantize_ort
+from calibration.policy import NO_EXCLUSIONS
 from calibration.rewrites import fuse_gelu, rescale_gate_rows, split_gate_rows
-from calibration.sources import default_images
+from calibration.sources import ImageSet, default_images
+from export.to_onnx import export_onnx
 from partialnet.errors import UsageError
 from partialnet.variants import Preprocess
 from runtimes.cpu import int8_dot_saturates
@@ -112,3 +115,35 @@ def test_ort_int8_refuses_to_overwrite_and_checks_inputs(ort_int8, folder, calib
     wrong = default_images(2, Preprocess(input_size=96))
     with pytest.raises(UsageError, match=r"calibration images are 96x96 but the model takes 64x64"):
         QuantSession(folder / "model.onnx", wrong)
+
+
+class _SharedConvNet(torch.nn.Module):
+    """One 1x1 conv applied to two inputs (as CBAM's MLP reads the average- and the max-pooled map)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = torch.nn.Conv2d(8, 8, 1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        y = self.shared(h) + self.shared(torch.nn.functional.max_pool2d(h, 3, 1, 1))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def test_a_weight_two_convs_share_loads_with_exact_int8_kernels(tmp_path):
+    """ONNX Runtime's exact int8 mode (on by itself on CPUs without VNNI) converted a shared int8 weight once per
+    conv under one name and refused to load the file; every reader now has its own copy."""
+    export_onnx(_SharedConvNet().eval(), tmp_path / "shared.onnx", 16)
+    x = np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    info = quantize_ort(tmp_path / "shared.onnx", tmp_path / "shared.int8.onnx", ImageSet(x, "random"),
+                        policy=NO_EXCLUSIONS)
+    assert info["weight_copies"] == 1
+    proto = onnx.load(str(tmp_path / "shared.int8.onnx"))
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 3 and len({n.input[1] for n in convs}) == 3  # each conv reads a weight of its own
+    simulated = ort_logits(tmp_path / "shared.int8.onnx", x, graph_optimization="disabled")
+    exact = ort_logits(tmp_path / "shared.int8.onnx", x, exact_int8=True)
+    assert np.abs(exact - simulated).max() <= 0.02 * np.abs(simulated).max()
