@@ -54,6 +54,14 @@ OV_SPEED_PARTS: dict[str, str] = {
     "sp_tail": "OpenVINO speed: T0 INT8 8% faster with the PAT_sp tail in float, same error (calibration.ov_int8)",
 }
 
+# The head's Linear keeps float activations (the policy's "head" part) but gets int8 weights, per output channel,
+# symmetric (NNCF weight compression): at batch 1 it is a matrix-vector product bound by reading its weights
+# (T0's 1280x1000 Linear is 5 MB in fp32), and the CPU plugin decompresses int8 weights inside its f32 kernel, so
+# no u8 x s8 sum exists to saturate on any CPU. The head's 1x1 conv gained nothing that way and stays fp32.
+# Measured on T0 224 px INT8 (benchmarks/DECISIONS.md).
+HEAD_WEIGHTS = ("int8", "float")
+WEIGHTED_OV_OPS = ("MatMul", "Convolution")  # what NNCF's weight compression would touch
+
 WEIGHTS_FOR = {
     "any": "7-bit int8 weights (NNCF overflow fix in every layer): exact on every x86 CPU",
     "vnni": "8-bit int8 weights (NNCF overflow fix in the first layer only): exact only on CPUs with VNNI or AMX",
@@ -133,6 +141,7 @@ class OvQuantization:
     model_type: ModelType = "cnn"
     fast_bias_correction: bool = True
     int8_cpu: Int8Cpu = "auto"
+    head_weights: Literal["int8", "float"] = "int8"
 
     @property
     def accuracy_control(self) -> bool:
@@ -142,6 +151,8 @@ class OvQuantization:
         """Raise UsageError for settings that cannot work; return the resolved int8_cpu ("any" or "vnni")."""
         if self.model_type not in ("transformer", "cnn"):
             raise UsageError(f"model_type {self.model_type!r} is not 'transformer' or 'cnn'.")
+        if self.head_weights not in HEAD_WEIGHTS:
+            raise UsageError(f"head_weights {self.head_weights!r} is not one of {', '.join(HEAD_WEIGHTS)}.")
         if self.accuracy_control:
             if self.val is None or self.val.labels is None:
                 raise UsageError("accuracy-controlled INT8 needs labelled validation images (class subfolders or a "
@@ -197,13 +208,19 @@ def quantize_ov(source: str | Path, onnx_path: str | Path, dest: str | Path, cal
 
     model = _read(source)
     policy = settings.policy.with_parts(OV_SPEED_PARTS, reasons=OV_SPEED_PARTS)
-    ignored = policy.ov_ignored_names(model, OnnxGraph(onnx_model))
+    graph = OnnxGraph(onnx_model)
+    ignored = policy.ov_ignored_names(model, graph)
+    # Not under accuracy control: NNCF's drop guarantee covers only what it measured.
+    head = (head_matmuls(model, graph) if settings.head_weights == "int8" and "head" in policy.parts
+            and not settings.accuracy_control else [])
     kwargs = settings.nncf_kwargs(ignored, weights_for, len(calib))
     val = settings.val
     console(f"quantizing the OpenVINO model with NNCF on {len(calib)} images"
             + (f" (accuracy control: max top-1 drop {settings.max_drop:.3f} on {len(val)} labelled images)"
                if settings.accuracy_control and val is not None else ""))
     quantized = _run_nncf(model, calib, settings, kwargs, console)
+    if head:
+        quantized = compress_weights_of(quantized, head, console)
 
     meta = dict(metadata or {})
     meta["partialnet.precision"] = "int8"
@@ -225,6 +242,8 @@ def quantize_ov(source: str | Path, onnx_path: str | Path, dest: str | Path, cal
         "fast_bias_correction": settings.fast_bias_correction,
         "int8_cpu": weights_for,
         "weights": WEIGHTS_FOR[weights_for],
+        "head_weights": ({"ops": head, "weights": "int8 per output channel, symmetric (weight-only: float "
+                          "activations and arithmetic)"} if head else "float"),
         "subset_size": len(calib),
         "fake_quantize": ops.get("FakeQuantize", 0),
         "ignored_ops": len(ignored),
@@ -236,6 +255,29 @@ def quantize_ov(source: str | Path, onnx_path: str | Path, dest: str | Path, cal
         "policy": policy.to_dict(),
         "ignored_names": ignored,
     }
+
+
+def head_matmuls(model: Any, graph: OnnxGraph) -> list[str]:
+    """The OpenVINO op names of the head's matrix products (in the policy's "head" part): its Linear."""
+    names = set(FloatPolicy(parts=("head",)).ov_ignored_names(model, graph))
+    return [o.get_friendly_name() for o in model.get_ordered_ops()
+            if o.get_type_name() == "MatMul" and o.get_friendly_name() in names]
+
+
+def compress_weights_of(model: Any, names: list[str], console: Console = SILENT) -> Any:
+    """`model` with the float weights of the named ops, and of no other op, stored as int8 (NNCF weight compression,
+    per output channel, symmetric); activations and arithmetic stay float."""
+    import nncf
+
+    others = [o.get_friendly_name() for o in model.get_ordered_ops()
+              if o.get_type_name() in WEIGHTED_OV_OPS and o.get_friendly_name() not in set(names)]
+    try:
+        with _nncf_output_to_stderr(console.shows_progress):
+            return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM,
+                                         ignored_scope=nncf.IgnoredScope(names=others, validate=False))
+    except Exception as e:  # NNCF and OpenVINO raise many types; the message carries the reason
+        raise QuantizationError(f"NNCF weight compression of the head failed: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def _run_nncf(model: Any, calib: ImageSet, settings: OvQuantization, kwargs: dict[str, Any], console: Console) -> Any:

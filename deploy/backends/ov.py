@@ -51,7 +51,8 @@ class OpenVINO:
                            weights_sha256=file_sha256(ctx.folder / weights), inference_precision="f32",
                            role="INT8 for OpenVINO (NNCF FakeQuantize)", nncf_mode=info["mode"],
                            fake_quantize=info["fake_quantize"], int8_cpu=info["int8_cpu"],
-                           weights_exact_on=info["weights"], **row)
+                           weights_exact_on=info["weights"],
+                           head_weights="int8" if info["head_weights"] != "float" else "float", **row)
         if info["ignored_ops_reading_quantized_input"]:
             ctx.console(f"note: {len(info['ignored_ops_reading_quantized_input'])} float op(s) read a tensor NNCF "
                         f"quantized for another consumer")

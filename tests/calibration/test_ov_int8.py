@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 
+from calibration.policy import DEFAULT_POLICY
 from partialnet.errors import UsageError
 from runtimes.base import BackendUnavailable
 from runtimes.cpu import int8_dot_saturates
-from int8_fixtures import MIN_AGREEMENT, MIN_COSINE, agreement
+from int8_fixtures import BLOCK, MIN_AGREEMENT, MIN_COSINE, agreement
 
 
 
@@ -40,8 +42,15 @@ def test_nncf_ir_is_quantized_and_respects_the_scope(ov_int8, calib, ref):
     # the head's Linear stays float too (OpenVINO names its last op after the output tensor, "logits")
     head = [n for n, o in by_name.items() if o.get_type_name() == "MatMul" and "logits" in {
         c.get_node().get_friendly_name() for c in o.output(0).get_target_inputs()} | {n}]
-    assert len(head) == 1 and head[0] not in fq_fed
-    assert by_name[head[0]].input_value(1).get_node().get_type_name() == "Constant"  # fp32 weights, no decompression
+    assert len(head) == 1 and head[0] not in fq_fed and info["head_weights"]["ops"] == head
+    # ... with weight-only int8: an i8 constant decompressed to f32 on the way into the Linear (ov_int8.HEAD_WEIGHTS)
+    weight = by_name[head[0]].input_value(1).get_node()
+    chain = [weight.get_type_name()]
+    while weight.get_type_name() != "Constant":
+        weight = weight.input_value(0).get_node()
+        chain.append(weight.get_type_name())
+    assert "Multiply" in chain and weight.get_element_type().get_type_name() == "i8"
+    assert weight.get_output_shape(0)[0] in (10, 1280)  # the whole 1280 x 10 matrix, not a per-tensor scalar
     # every other conv reads a quantized tensor, directly or through the Split/Concat NNCF moves FakeQuantize above
     def quantized_source(node) -> bool:
         kind = node.get_type_name()
@@ -64,10 +73,23 @@ def test_nncf_ir_is_quantized_and_respects_the_scope(ov_int8, calib, ref):
     assert top1 >= MIN_AGREEMENT and cos >= MIN_COSINE
 
 
+def _weight_reader(const):
+    """The op an int8 weight constant is decompressed into (through Convert, Subtract, Multiply, Reshape)."""
+    node = const
+    while node.get_type_name() in ("Constant", "Convert", "Subtract", "Multiply", "Reshape", "Transpose"):
+        node = next(iter(node.output(0).get_target_inputs())).get_node()
+    return node
+
+
 def int8_weight_range(model) -> tuple[int, int]:
-    """Smallest and largest stored int8 weight of an NNCF-compressed IR."""
+    """Smallest and largest stored int8 weight of an NNCF-quantized IR's int8 arithmetic: the head's weight-only
+    int8 Linear (decompressed to f32 before any product, ov_int8.HEAD_WEIGHTS) has no u8 x s8 sum to saturate."""
+    head = {o.get_friendly_name() for o in model.get_ordered_ops() if o.get_type_name() == "MatMul"
+            and "logits" in {c.get_node().get_friendly_name() for c in o.output(0).get_target_inputs()}
+            | {o.get_friendly_name()}}
     values = [o.get_data() for o in model.get_ordered_ops()
-              if o.get_type_name() == "Constant" and o.get_element_type().get_type_name() == "i8"]
+              if o.get_type_name() == "Constant" and o.get_element_type().get_type_name() == "i8"
+              and _weight_reader(o).get_friendly_name() not in head]
     assert values, "no int8 weight constants"
     return min(int(v.min()) for v in values), max(int(v.max()) for v in values)
 
@@ -110,3 +132,26 @@ def test_nncf_refuses_to_overwrite(ov_int8, folder, calib):
     with pytest.raises(UsageError, match="accuracy-controlled INT8 needs labelled validation images"):
         quantize_ov(folder / "openvino" / "model.xml", folder / "model.onnx", ov_int8[0].with_name("x.xml"), calib,
                     OvQuantization(val=calib, max_drop=0.01))
+
+
+def test_head_weights_float_keeps_the_linear_in_fp32_and_int8_moves_the_logits_little(ov_int8, folder, calib,
+                                                                                      tmp_path):
+    import openvino as ov
+
+    from calibration.ov_int8 import OvQuantization, quantize_ov
+
+    dest = tmp_path / "float-head.xml"
+    info = quantize_ov(folder / "openvino" / "model.xml", folder / "model.onnx", dest, calib,
+                       OvQuantization(policy=DEFAULT_POLICY.with_units([BLOCK]), head_weights="float"))
+    assert info["head_weights"] == "float"
+    model = ov.Core().read_model(str(dest))
+    linear = next(o for o in model.get_ordered_ops() if o.get_friendly_name() == ov_int8[1]["head_weights"]["ops"][0])
+    assert linear.input_value(1).get_node().get_type_name() == "Constant"  # fp32 weights, no decompression
+    assert linear.input_value(1).get_node().get_element_type().get_type_name() == "f32"
+    core = ov.Core()
+    outs = [core.compile_model(str(p), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for p in (dest, ov_int8[0])]
+    fp32_head, int8_head = (np.asarray(c(calib.images)[c.outputs[0]]) for c in outs)
+    assert 0 < np.abs(int8_head - fp32_head).max() <= 0.02 * np.abs(fp32_head).max()  # per-channel 8-bit weights
+    with pytest.raises(UsageError, match="head_weights 'int4' is not one of int8, float"):
+        quantize_ov(folder / "openvino" / "model.xml", folder / "model.onnx", tmp_path / "x.xml", calib,
+                    OvQuantization(head_weights="int4"))  # type: ignore[arg-type]
