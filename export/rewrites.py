@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .reparam import DeployMLP, DeploySRMGate, _conv_with
+from .reparam import DeployBlock, DeployMLP, DeploySRMGate, _conv_with
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,44 @@ class BroadcastGateMLP(GateConvMLP):
         return self.fc2(h) * self.expand(self.gate(h)).clamp(0.0, 1.0) + self.full_shift
 
 
+class SummedInputBlock(nn.Module):
+    """A PAT_ch block with no Concat between the partial mixing and the MLP's first conv: that 1x1 conv's columns
+    split at the conv quarter, `fc1(cat(a, b)) = fc1[:, :dc](a) + fc1[:, dc:](b)`, so the two halves are two
+    convs whose outputs are added (the runtimes fuse the Add into the second conv as a sum post-op). The MLP's
+    own fc1 becomes an identity; everything after it (activation, second conv, PAT_sp tail) is unchanged."""
+
+    def __init__(self, block: DeployBlock):
+        super().__init__()
+        mix, mlp = block.spatial_mixing, block.mlp
+        dc = mix.dim_conv
+        w, b = mlp.fc1.weight.detach(), mlp.fc1.bias
+        self.dim_conv, self.dim_untouched = dc, mix.dim_untouched
+        self.partial_conv3, self.gate = mix.partial_conv3, mix.attn
+        self.fc1_conv = _conv_with(mlp.fc1, w[:, :dc], None)
+        self.fc1_gated = _conv_with(mlp.fc1, w[:, dc:], None if b is None else b.detach())
+        mlp.fc1 = nn.Identity()
+        self.mlp = mlp
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = torch.split(x, [self.dim_conv, self.dim_untouched], dim=1)
+        return x + self.mlp(self.fc1_conv(self.partial_conv3(x1)) + self.fc1_gated(self.gate(x2)))
+
+
+def _mix_sum(model: nn.Module) -> int:
+    changed = 0
+    for module in model.modules():
+        blocks = getattr(module, "blocks", None)
+        if not isinstance(blocks, nn.Sequential):
+            continue
+        for j, block in enumerate(blocks):
+            if (type(block) is DeployBlock and not block.split_shortcut
+                    and isinstance(block.spatial_mixing.attn, DeploySRMGate)
+                    and isinstance(getattr(block.mlp, "fc1", None), nn.Conv2d)):
+                blocks[j] = SummedInputBlock(block)
+                changed += 1
+    return changed
+
+
 def _replace_gated_mlps(make: Callable[[DeployMLP], nn.Module]) -> Callable[[nn.Module], int]:
     def apply(model: nn.Module) -> int:
         changed = 0
@@ -132,6 +170,7 @@ REWRITES: dict[str, Rewrite] = {r.name: r for r in (
             _replace_gated_mlps(GateConvMLP)),
     Rewrite("sp_broadcast", "sp_gate_conv with no Split/Concat: z * clamp(expand(gate)) + [t; 0] on C rows",
             _replace_gated_mlps(BroadcastGateMLP)),
+    Rewrite("mix_sum", "PAT_ch block without the mixing Concat: fc1 split by columns, conv(a) + conv(b)", _mix_sum),
 )}
 
 ADOPTED: tuple[str, ...] = ()

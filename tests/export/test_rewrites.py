@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from export.reparam import DeployMLP, reparameterize_model
-from export.rewrites import REWRITES, BroadcastGateMLP, GateConvMLP, LinearSRMGate, apply_rewrites
+from export.rewrites import REWRITES, BroadcastGateMLP, GateConvMLP, LinearSRMGate, SummedInputBlock, apply_rewrites
 from partialnet import build_model
 from tests.helpers import randomize_
 
@@ -26,7 +26,7 @@ def pair(request):
     return model, reparameterize_model(model, INPUT)
 
 
-@pytest.mark.parametrize("rewrite", [*REWRITES, "srm_gemm+sp_broadcast"])
+@pytest.mark.parametrize("rewrite", [*REWRITES, "srm_gemm+sp_broadcast", "mix_sum+sp_broadcast"])
 def test_rewrite_is_exact_in_fp32(pair, rewrite: str) -> None:
     model, deployed = pair
     names = rewrite.split("+")
@@ -45,6 +45,13 @@ def test_each_rewrite_changes_what_it_names(pair) -> None:
     assert REWRITES["srm_gemm"].apply(srm) == sum(b.spatial_mixing.channel_type == "se"
                                                   for b in model.modules() if hasattr(b, "spatial_mixing"))
     assert any(isinstance(m, LinearSRMGate) for m in srm.modules())
+    pat_ch = sum(b.spatial_mixing.channel_type == "se" for b in model.modules() if hasattr(b, "spatial_mixing"))
+    summed = copy.deepcopy(deployed)
+    assert REWRITES["mix_sum"].apply(summed) == pat_ch
+    assert REWRITES["mix_sum"].apply(summed) == 0  # idempotent: a summed block is not split again
+    blocks = [m for m in summed.modules() if isinstance(m, SummedInputBlock)]
+    assert len(blocks) == pat_ch and all(isinstance(b.mlp.fc1, torch.nn.Identity) for b in blocks)
+    assert all(b.fc1_conv.in_channels + b.fc1_gated.in_channels == b.fc1_gated.out_channels // 2 for b in blocks)
     tail = copy.deepcopy(deployed)
     assert REWRITES["sp_logit_last"].apply(tail) == gated
     assert REWRITES["sp_logit_last"].apply(tail) == 0  # idempotent: the rows are moved once
