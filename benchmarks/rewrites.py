@@ -11,7 +11,8 @@ checked against the eager training model in FP32, and timed at batch 1:
 each runner in its own worker process, round-robin one slice at a time (`deploy.timing`), so machine drift falls
 on every graph alike. The table gives each graph's median and its speed-up over the reparameterized graph per
 runtime; a rewrite is worth adopting when it is faster on both runtimes, or faster on one and neutral (within
-the run's noise) on the other.
+the run's noise) on the other. The run's noise is measured, not assumed: the reparameterized graph is timed twice,
+first and last in the rotation (`reparam-again`), and a speed-up inside that A/A gap is noise.
 
     python benchmarks/rewrites.py --variant partialnet_t0 --threads 2 --duration-s 20 > benchmarks/REWRITES.md
 """
@@ -26,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+CONTROL = "reparam-again"
 sys.path.insert(0, str(HERE.parent))
 
 from plain import open_plain_onnxruntime, open_static_openvino, time_side_by_side  # noqa: E402
@@ -55,6 +57,7 @@ def build_graphs(variant: str, size: int, folder: Path, only: list[str] | None,
     plans = {"reparam": []} | {name: [name] for name in names}
     if combine:
         plans["+".join(combine)] = combine
+    plans[CONTROL] = []  # the reference again, timed last in the rotation: the run's own noise floor (A/A)
     paths, errors = {}, {}
     for label, rewrites in plans.items():
         model = apply_rewrites(copy.deepcopy(base), rewrites)
@@ -102,13 +105,14 @@ def main() -> None:
     env = machine_fingerprint()
     print(f"# Inference-form rewrites: {args.variant}, {args.input_size} px, batch 1, {args.threads} threads\n")
     print(f"{env['cpu']} ({isa_summary(env)}); each runner in its own process, round-robin slices of "
-          f"{args.slice_s} s, {args.duration_s} s timed each. `python benchmarks/rewrites.py --variant "
-          f"{args.variant} --threads {args.threads} --duration-s {args.duration_s:g}`\n")
+          f"{args.slice_s} s, {args.duration_s} s timed each. `python benchmarks/rewrites.py "
+          f"{' '.join(sys.argv[1:])}`\n")
     print("| graph | what it changes | FP32 error | OpenVINO p50 ms | speed-up | ONNX Runtime p50 ms | speed-up |")
     print("|---|---|---:|---:|---:|---:|---:|")
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     for label in paths:
         what = "reparameterized (today's model.onnx)" if label == "reparam" else \
+            "the same graph again, last in the rotation: this run's noise floor" if label == CONTROL else \
             "the rewrites named, together" if "+" in label else REWRITES[label].summary
         ov, ort = med[f"openvino|{label}"], med[f"onnxruntime|{label}"]
         print(f"| {label} | {what} | {errors[label]:.1e} | {ov:.3f} | {med['openvino|reparam'] / ov:.3f}x "
