@@ -168,24 +168,39 @@ def _name_new_nodes(path: Path) -> int:
     return count
 
 
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def pre_process(src: Path, dest: Path) -> dict[str, Any]:
     """onnxruntime's quantization pre-processing (shape inference, basic optimizations) from src to dest.
 
-    On failure dest is a copy of src and the record says why: quantization still works, ORT just warns.
+    ONNX Runtime's symbolic shape inference fails on some graphs that ONNX's own shape inference handles (a Concat
+    in tests/data/mynet.py, a user's model with coordinate attention): then the pre-processing runs again without
+    it. If that fails too, dest is a copy of src and the record says why: quantization still works, ORT
+    just warns.
     """
+    # shape inference and the optimizer raise many exception types on unusual graphs
+    try:
+        return _pre_process_with(src, dest, skip_symbolic_shape=False)
+    except Exception as first:
+        try:
+            info = _pre_process_with(src, dest, skip_symbolic_shape=True)
+        except Exception as e:
+            shutil.copyfile(src, dest)
+            return {"applied": False, "reason": f"quant_pre_process failed ({_reason(e)}); quantized without it"}
+        return {**info, "symbolic_shape_inference": f"skipped: it failed ({_reason(first)})"}
+
+
+def _pre_process_with(src: Path, dest: Path, *, skip_symbolic_shape: bool) -> dict[str, Any]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        with _quiet():
-            quant_pre_process(str(src), str(dest))
-        onnx.checker.check_model(str(dest))
-        named = _name_new_nodes(dest)
-        return {"applied": True, "tool": "onnxruntime.quantization.shape_inference.quant_pre_process",
-                **({"nodes_named": named} if named else {})}
-    except Exception as e:  # symbolic shape inference raises many exception types on unusual graphs
-        shutil.copyfile(src, dest)
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        return {"applied": False, "reason": f"quant_pre_process failed ({reason}); quantized without it"}
+    with _quiet():
+        quant_pre_process(str(src), str(dest), skip_symbolic_shape=skip_symbolic_shape)
+    onnx.checker.check_model(str(dest))
+    named = _name_new_nodes(dest)
+    return {"applied": True, "tool": "onnxruntime.quantization.shape_inference.quant_pre_process",
+            **({"nodes_named": named} if named else {})}
 
 
 @contextmanager

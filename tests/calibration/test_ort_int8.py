@@ -23,6 +23,8 @@ from partialnet.errors import UsageError
 from partialnet.variants import Preprocess
 from runtimes.cpu import int8_dot_saturates
 from runtimes.ort import OrtRunner
+from pathlib import Path
+
 from int8_fixtures import CALIB, MIN_AGREEMENT, MIN_COSINE, ort_logits, agreement, dq_fed_inputs
 
 
@@ -117,6 +119,9 @@ def test_ort_int8_refuses_to_overwrite_and_checks_inputs(ort_int8, folder, calib
         QuantSession(folder / "model.onnx", wrong)
 
 
+MYNET = Path(__file__).resolve().parents[1] / "data" / "mynet.py"
+
+
 class _SharedConvNet(torch.nn.Module):
     """One 1x1 conv applied to two inputs (as CBAM's MLP reads the average- and the max-pooled map)."""
 
@@ -147,3 +152,22 @@ def test_a_weight_two_convs_share_loads_with_exact_int8_kernels(tmp_path):
     simulated = ort_logits(tmp_path / "shared.int8.onnx", x, graph_optimization="disabled")
     exact = ort_logits(tmp_path / "shared.int8.onnx", x, exact_int8=True)
     assert np.abs(exact - simulated).max() <= 0.02 * np.abs(simulated).max()
+
+
+def test_pre_processing_goes_on_without_symbolic_shape_inference_where_that_fails(tmp_path):
+    """ONNX Runtime's symbolic shape inference fails on a Concat in the user model of tests/data/mynet.py; the
+    pre-processing then runs with ONNX's own shape inference alone, and the record says so."""
+    from calibration.ort_int8 import pre_process
+    from export.fold import deploy_form
+    from partialnet.factory import build_from_factory
+
+    model = build_from_factory(f"{MYNET}:build", num_classes=10).model.eval()
+    export_onnx(deploy_form(model, 64)[0], tmp_path / "mynet.onnx", 64)  # as deploy export folds and exports it
+    info = pre_process(tmp_path / "mynet.onnx", tmp_path / "prepared.onnx")
+    assert info["applied"] is True
+    assert info["symbolic_shape_inference"].startswith("skipped: it failed (TypeError")
+    onnx.checker.check_model(str(tmp_path / "prepared.onnx"))
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    before, after = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+                     for p in (tmp_path / "mynet.onnx", tmp_path / "prepared.onnx"))
+    assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
