@@ -24,29 +24,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from plain import open_static_openvino, time_side_by_side  # noqa: E402
+from profile import openvino_counters  # noqa: E402  (benchmarks/profile.py: first on sys.path, before the stdlib's)
 
 CALIB, HELD_OUT = 128, 64
+COUNTER_RUNS = 200
 
 
-def head_counter_us(xml: Path, name: str, threads: int, runs: int = 200) -> float:
-    """The head Linear's mean real time per inference from OpenVINO's counters (batch 1, PERF_COUNT on)."""
-    import numpy as np
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(str(xml))
-    model.reshape([1, *list(model.inputs[0].get_partial_shape().get_min_shape())[1:]])
-    compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-                                                 "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
-    request = compiled.create_infer_request()
-    x = np.random.default_rng(0).standard_normal(tuple(model.inputs[0].get_shape())).astype(np.float32)
-    total, counted = 0.0, 0
-    for i in range(runs):
-        request.infer({0: x})
-        if i >= runs // 4:
-            total += sum(p.real_time.total_seconds() for p in request.get_profiling_info() if p.node_name == name)
-            counted += 1
-    return total / counted * 1e6
+def head_counter_us(xml: Path, name: str, threads: int) -> float:
+    """The head Linear's real time per inference from OpenVINO's counters (benchmarks/profile.py's method)."""
+    _, by_node = openvino_counters(str(xml), threads, COUNTER_RUNS, key=lambda info: info.node_name)
+    return by_node[name][1]
 
 
 def main() -> None:

@@ -26,12 +26,16 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def profile_openvino(xml: str, threads: int, runs: int) -> dict:
+def openvino_counters(xml: str, threads: int, runs: int,
+                      key: Callable[[Any], Any] = lambda info: (info.node_type, info.exec_type)) -> tuple[float, dict]:
+    """The IR compiled as `benchmark_app -hint latency -b 1` compiles it, with PERF_COUNT on: the wall median (ms)
+    and, per `key` of each executed node's profiling info, (nodes per inference, microseconds per inference)."""
     import numpy as np
     import openvino as ov
 
@@ -59,11 +63,14 @@ def profile_openvino(xml: str, threads: int, runs: int) -> dict:
         for info in request.get_profiling_info():
             if info.status != info.Status.EXECUTED:
                 continue
-            key = (info.node_type, info.exec_type)
-            totals[key][0] += 1
-            totals[key][1] += info.real_time.total_seconds() * 1e6
-    rows = [(t, k, c // runs, us / runs) for (t, k), (c, us) in totals.items()]
-    return {"wall_ms": statistics.median(wall) * 1e3, "rows": rows}
+            totals[key(info)][0] += 1
+            totals[key(info)][1] += info.real_time.total_seconds() * 1e6
+    return statistics.median(wall) * 1e3, {k: (c // runs, us / runs) for k, (c, us) in totals.items()}
+
+
+def profile_openvino(xml: str, threads: int, runs: int) -> dict:
+    wall_ms, totals = openvino_counters(xml, threads, runs)
+    return {"wall_ms": wall_ms, "rows": [(t, k, c, us) for (t, k), (c, us) in totals.items()]}
 
 
 def profile_onnxruntime(path: str, threads: int, runs: int) -> dict:

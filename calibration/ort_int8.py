@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 import numpy as np
 import onnx
 
-from partialnet.errors import DeployError, UsageError
+from partialnet.errors import DeployError, UsageError, first_line
 from partialnet.files import atomic_path
 
 from .cache import CacheKey, KeyedCache
@@ -168,10 +168,6 @@ def _name_new_nodes(path: Path) -> int:
     return count
 
 
-def _reason(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
 def pre_process(src: Path, dest: Path) -> dict[str, Any]:
     """onnxruntime's quantization pre-processing (shape inference, basic optimizations) from src to dest.
 
@@ -188,8 +184,8 @@ def pre_process(src: Path, dest: Path) -> dict[str, Any]:
             info = _pre_process_with(src, dest, skip_symbolic_shape=True)
         except Exception as e:
             shutil.copyfile(src, dest)
-            return {"applied": False, "reason": f"quant_pre_process failed ({_reason(e)}); quantized without it"}
-        return {**info, "symbolic_shape_inference": f"skipped: it failed ({_reason(first)})"}
+            return {"applied": False, "reason": f"quant_pre_process failed ({first_line(e)}); quantized without it"}
+        return {**info, "symbolic_shape_inference": f"skipped: it failed ({first_line(first)})"}
 
 
 def _pre_process_with(src: Path, dest: Path, *, skip_symbolic_shape: bool) -> dict[str, Any]:

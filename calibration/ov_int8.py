@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from partialnet.console import SILENT, Console
-from partialnet.errors import UsageError
+from partialnet.errors import UsageError, first_line
 from runtimes.cpu import int8_dot_saturates
 from runtimes.ov import INT8_CPU_KEY, METADATA_RT_KEY, check_ir_destination, save_ir
 
@@ -269,15 +269,15 @@ def compress_weights_of(model: Any, names: list[str], console: Console = SILENT)
     per output channel, symmetric); activations and arithmetic stay float."""
     import nncf
 
+    keep = set(names)
     others = [o.get_friendly_name() for o in model.get_ordered_ops()
-              if o.get_type_name() in WEIGHTED_OV_OPS and o.get_friendly_name() not in set(names)]
+              if o.get_type_name() in WEIGHTED_OV_OPS and o.get_friendly_name() not in keep]
     try:
         with _nncf_output_to_stderr(console.shows_progress):
             return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM,
                                          ignored_scope=nncf.IgnoredScope(names=others, validate=False))
     except Exception as e:  # NNCF and OpenVINO raise many types; the message carries the reason
-        raise QuantizationError(f"NNCF weight compression of the head failed: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        raise QuantizationError(f"NNCF weight compression of the head failed: {first_line(e)}") from e
 
 
 def _run_nncf(model: Any, calib: ImageSet, settings: OvQuantization, kwargs: dict[str, Any], console: Console) -> Any:
@@ -296,5 +296,4 @@ def _run_nncf(model: Any, calib: ImageSet, settings: OvQuantization, kwargs: dic
     except nncf.ValidationError as e:
         raise QuantizationError(f"NNCF rejected the ignored scope ({e}); the policy names ops the model lacks.") from e
     except Exception as e:  # NNCF and OpenVINO raise many types; the message carries the reason
-        raise QuantizationError(f"NNCF quantization failed: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        raise QuantizationError(f"NNCF quantization failed: {first_line(e)}") from e

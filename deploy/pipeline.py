@@ -26,7 +26,7 @@ from export.to_onnx import DEFAULT_OPSET, ExportError, GraphStats, check_opset, 
 from partialnet import LoadedModel, build_model
 from partialnet.factory import FactoryModel
 from partialnet.console import SILENT, Console
-from partialnet.errors import DeployError, ExitStatus, UsageError, WriteError
+from partialnet.errors import DeployError, ExitStatus, UsageError, WriteError, first_line
 from partialnet.files import atomic_write_json, atomic_write_text
 from partialnet.profile import count_macs, count_params
 from partialnet.variants import Preprocess
@@ -282,7 +282,7 @@ def _simplify(proto: onnx.ModelProto, raw_path: Path, dest: Path, x: np.ndarray,
     try:
         simplified, ok = onnxsim.simplify(proto, initializers_as_constants=False)
     except Exception as e:  # onnxsim raises many types; the unsimplified graph is still valid
-        info["reason"] = f"onnxsim failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        info["reason"] = f"onnxsim failed: {first_line(e)}"
         console(f"note: {info['reason']}; keeping the unsimplified graph")
         return proto, info
     if not ok:

@@ -14,6 +14,12 @@ class ExitStatus(IntEnum):
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
+def first_line(e: BaseException) -> str:
+    """An exception as one line for a message: its type and the first line of its text."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class DeployError(Exception):
     """A failure the user can act on: the message says what went wrong and what to do."""
 

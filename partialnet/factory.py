@@ -21,7 +21,7 @@ from torch import nn
 
 from .build import init_weights
 from .checkpoint import match_state_dict, read_checkpoint
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UsageError, first_line
 from .files import file_sha256
 from .variants import IMAGENET, Preprocess
 from .zoo_table import ZOO
@@ -58,11 +58,6 @@ def parse_target(text: str) -> FactoryRef | None:
     return None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def _import_file(path: Path) -> Any:
     """Run a user's file as a module of its own name-space; its folder is importable while it loads (siblings)."""
     if not path.is_file():
@@ -82,7 +77,7 @@ def _import_file(path: Path) -> Any:
     except Exception as e:
         del sys.modules[name]
         del _USER_FILES[name]
-        raise UsageError(f"running {path} failed: {_first_line(e)}; fix the file (it runs as plain Python).") from e
+        raise UsageError(f"running {path} failed: {first_line(e)}; fix the file (it runs as plain Python).") from e
     finally:
         sys.path.remove(str(path.parent))
     return module
@@ -126,7 +121,7 @@ def load_factory(ref: FactoryRef) -> Callable[..., Any]:
         try:
             module = importlib.import_module(ref.module)  # type: ignore[arg-type]
         except Exception as e:
-            raise UsageError(f"cannot import {ref.module}: {_first_line(e)}; is it installed or on PYTHONPATH?") from e
+            raise UsageError(f"cannot import {ref.module}: {first_line(e)}; is it installed or on PYTHONPATH?") from e
         where = ref.module
     fn = getattr(module, ref.factory, None)
     if not callable(fn):
@@ -187,7 +182,7 @@ def _call_factory(ref: FactoryRef, num_classes: int | None, seed: int) -> nn.Mod
         model = fn(**kwargs)
     except Exception as e:
         raise UsageError(f"{ref.label}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) failed: "
-                         f"{_first_line(e)}") from e
+                         f"{first_line(e)}") from e
     if not isinstance(model, nn.Module):
         raise UsageError(f"{ref.label} returned a {type(model).__name__}, not a torch.nn.Module classifier.")
     return model
@@ -207,7 +202,7 @@ def _output_classes(model: nn.Module, ref: FactoryRef, input_size: int) -> int:
             out = model(torch.zeros(1, 3, input_size, input_size))
     except Exception as e:
         raise UsageError(f"{ref.label}'s model fails on a [1, 3, {input_size}, {input_size}] input: "
-                         f"{_first_line(e)}; pass the --input-size it was built for.") from e
+                         f"{first_line(e)}; pass the --input-size it was built for.") from e
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
         seen = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(f"{ref.label}'s model returns {seen}; a classifier returns logits [batch, classes].")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,7 +24,6 @@ from partialnet.errors import UsageError
 from partialnet.variants import Preprocess
 from runtimes.cpu import int8_dot_saturates
 from runtimes.ort import OrtRunner
-from pathlib import Path
 
 from int8_fixtures import CALIB, MIN_AGREEMENT, MIN_COSINE, ort_logits, agreement, dq_fed_inputs
 

@@ -40,8 +40,7 @@ def test_nncf_ir_is_quantized_and_respects_the_scope(ov_int8, calib, ref):
     srm = [n for n in convs if "/attn/cfc1/" in n]
     assert len(srm) == 11 and not set(srm) & fq_fed  # the default policy's SRM gates stay float
     # the head's Linear stays float too (OpenVINO names its last op after the output tensor, "logits")
-    head = [n for n, o in by_name.items() if o.get_type_name() == "MatMul" and "logits" in {
-        c.get_node().get_friendly_name() for c in o.output(0).get_target_inputs()} | {n}]
+    head = sorted(head_linear(q))
     assert len(head) == 1 and head[0] not in fq_fed and info["head_weights"]["ops"] == head
     # ... with weight-only int8: an i8 constant decompressed to f32 on the way into the Linear (ov_int8.HEAD_WEIGHTS)
     weight = by_name[head[0]].input_value(1).get_node()
@@ -73,6 +72,13 @@ def test_nncf_ir_is_quantized_and_respects_the_scope(ov_int8, calib, ref):
     assert top1 >= MIN_AGREEMENT and cos >= MIN_COSINE
 
 
+def head_linear(model) -> set[str]:
+    """The name of the MatMul that computes the logits (OpenVINO names the op, or the Add after it, "logits")."""
+    return {o.get_friendly_name() for o in model.get_ordered_ops() if o.get_type_name() == "MatMul"
+            and "logits" in {c.get_node().get_friendly_name() for c in o.output(0).get_target_inputs()}
+            | {o.get_friendly_name()}}
+
+
 def _weight_reader(const):
     """The op an int8 weight constant is decompressed into (through Convert, Subtract, Multiply, Reshape)."""
     node = const
@@ -84,9 +90,7 @@ def _weight_reader(const):
 def int8_weight_range(model) -> tuple[int, int]:
     """Smallest and largest stored int8 weight of an NNCF-quantized IR's int8 arithmetic: the head's weight-only
     int8 Linear (decompressed to f32 before any product, ov_int8.HEAD_WEIGHTS) has no u8 x s8 sum to saturate."""
-    head = {o.get_friendly_name() for o in model.get_ordered_ops() if o.get_type_name() == "MatMul"
-            and "logits" in {c.get_node().get_friendly_name() for c in o.output(0).get_target_inputs()}
-            | {o.get_friendly_name()}}
+    head = head_linear(model)
     values = [o.get_data() for o in model.get_ordered_ops()
               if o.get_type_name() == "Constant" and o.get_element_type().get_type_name() == "i8"
               and _weight_reader(o).get_friendly_name() not in head]
