@@ -13,6 +13,7 @@ The tables give count, microseconds per inference and share of the counted total
 median of the same runs. Counters do not add up to the wall time: scheduling between nodes is not counted.
 
     python benchmarks/profile.py D [D2 ...] --threads 2 --runs 300 > benchmarks/PROFILE.md
+    python benchmarks/profile.py D --precisions fp32 --nodes /stages/stages.4/blocks/blocks.3/   # one block
 """
 from __future__ import annotations
 
@@ -68,9 +69,14 @@ def openvino_counters(xml: str, threads: int, runs: int,
     return statistics.median(wall) * 1e3, {k: (c // runs, us / runs) for k, (c, us) in totals.items()}
 
 
-def profile_openvino(xml: str, threads: int, runs: int) -> dict:
-    wall_ms, totals = openvino_counters(xml, threads, runs)
-    return {"wall_ms": wall_ms, "rows": [(t, k, c, us) for (t, k), (c, us) in totals.items()]}
+def profile_openvino(xml: str, threads: int, runs: int, nodes: str = "") -> dict:
+    """By (layer type, kernel); with `nodes`, one row per node whose name starts with it (type and kernel beside)."""
+    if not nodes:
+        wall_ms, totals = openvino_counters(xml, threads, runs)
+        return {"wall_ms": wall_ms, "rows": [(t, k, c, us) for (t, k), (c, us) in totals.items()]}
+    wall_ms, totals = openvino_counters(xml, threads, runs,
+                                        key=lambda info: (info.node_name, f"{info.node_type} {info.exec_type}"))
+    return {"wall_ms": wall_ms, "rows": [(n, k, c, us) for (n, k), (c, us) in totals.items() if n.startswith(nodes)]}
 
 
 def profile_onnxruntime(path: str, threads: int, runs: int) -> dict:
@@ -119,13 +125,14 @@ def profile_onnxruntime(path: str, threads: int, runs: int) -> dict:
     return {"wall_ms": statistics.median(wall) * 1e3, "rows": rows}
 
 
-def _child(kind: str, path: str, threads: int, runs: int) -> None:
-    fn = profile_openvino if kind == "openvino" else profile_onnxruntime
-    print(json.dumps(fn(path, threads, runs)))
+def _child(kind: str, path: str, threads: int, runs: int, nodes: str) -> None:
+    result = profile_openvino(path, threads, runs, nodes) if kind == "openvino" else \
+        profile_onnxruntime(path, threads, runs)
+    print(json.dumps(result))
 
 
-def measure(kind: str, path: Path, threads: int, runs: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, str(path), str(threads), str(runs)],
+def measure(kind: str, path: Path, threads: int, runs: int, nodes: str = "") -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, str(path), str(threads), str(runs), nodes],
                          capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"profiling {path} failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -156,27 +163,30 @@ def table(result: dict, label: str) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        _child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", nargs="+", type=Path, help="export folders (deploy export --output)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--precisions", default="fp32,int8")
+    ap.add_argument("--nodes", default="", metavar="PREFIX",
+                    help="OpenVINO only: one row per node whose name starts with PREFIX (e.g. a block's scope, "
+                         "/stages/stages.4/blocks/blocks.3/), instead of the totals by layer type")
     args = ap.parse_args()
     from deploy.report import isa_summary, machine_fingerprint
 
     wanted = args.precisions.split(",")
     env = machine_fingerprint()
     print(f"# Profiles (batch 1, {args.threads} threads, {args.runs} runs, {env['cpu']}: {isa_summary(env)})\n")
-    print(f"`python benchmarks/profile.py {' '.join(map(str, args.folders))} --threads {args.threads} "
-          f"--runs {args.runs}`\n")
+    print(f"`python benchmarks/profile.py {' '.join(sys.argv[1:])}`\n")
     for folder in args.folders:
         for backend, precision, path in artifacts(folder):
-            if precision not in wanted:
+            if precision not in wanted or (args.nodes and backend != "openvino"):
                 continue
             print(f"profiling {path}", file=sys.stderr)
-            print(table(measure(backend, path, args.threads, args.runs), f"{folder.name}: {backend} {precision}"))
+            print(table(measure(backend, path, args.threads, args.runs, args.nodes),
+                        f"{folder.name}: {backend} {precision}"))
 
 
 if __name__ == "__main__":
